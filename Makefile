@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+KERNEL := bsharedrag
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup data backbone demo test bench clean-venv
+
+# torch==2.13.0 first: on these machines it is the CPU build on local disk; a plain `torch` requirement would pull CUDA.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.3,<2.15"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (bsharedrag)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) -m bsharedrag.data fetch
+
+backbone: setup
+	$(PY) -m bsharedrag.backbone prepare
+
+demo: data backbone
+	$(PY) -m bsharedrag.run configs/demo.yaml
+
+test: data backbone
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

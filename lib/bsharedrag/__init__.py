@@ -1,0 +1,3 @@
+"""BSharedRAG and Parametric RAG: a notebook-first reference implementation."""
+
+__version__ = "0.1.0"

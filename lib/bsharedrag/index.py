@@ -1,0 +1,84 @@
+"""Dense faiss indexes saved with a manifest, and a search that refuses an index built by another encoder or corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .artefacts import atomic_dir
+
+# Manifest fields that must equal the encoder now in use; anything else (counts, timings) is informative only.
+IDENTITY_FIELDS = ("encoder", "backbone", "backbone_fingerprint", "tokenizer", "adapter", "pooling", "prefix",
+                   "max_length", "dim", "corpus_hash")
+MAX_QUERY_CHARS = 4096
+
+
+class IndexMismatchError(RuntimeError):
+    """The saved index was built for another backbone, adapter, pooling, tokenizer or corpus."""
+
+
+def check_queries(queries: list[str]) -> None:
+    """Refuse an empty query list, and empty or whitespace-only queries, naming the first bad one."""
+    if len(queries) == 0:
+        raise ValueError("the query list is empty: give at least one query (check the split and max_questions)")
+    for i, q in enumerate(queries):
+        if not isinstance(q, str) or not q.strip():
+            raise ValueError(f"query {i} is empty or whitespace-only ({q!r}); drop it or give text to search for")
+
+
+def build_dense_index(embeddings: np.ndarray, doc_ids: list[str], manifest: dict, target: str | Path,
+                      factory: str = "Flat") -> Path:
+    """Index L2-normalised `embeddings` by inner product with faiss `factory` and save it with its manifest."""
+    if len(doc_ids) != len(embeddings):
+        raise ValueError(f"{len(doc_ids)} doc ids for {len(embeddings)} embeddings")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError("doc ids repeat; every document needs a unique doc_id")
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    manifest = {**manifest, "dim": int(vectors.shape[1]), "factory": factory, "count": len(doc_ids)}
+    with atomic_dir(target) as staging:
+        faiss.write_index(index, str(staging / "index.faiss"))
+        (staging / "doc_ids.json").write_text(json.dumps(doc_ids))
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return Path(target)
+
+
+def read_manifest(index_dir: str | Path) -> dict:
+    path = Path(index_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no index at {index_dir} (manifest.json missing); build it with 05_index")
+    return json.loads(path.read_text())
+
+
+def check_manifest(built: dict, expected: dict, where: str | Path) -> None:
+    """Raise IndexMismatchError naming every identity field where the saved index differs from `expected`."""
+    diffs = [f"{key}: built with {built.get(key)!r}, now {expected[key]!r}"
+             for key in IDENTITY_FIELDS if key in expected and built.get(key) != expected[key]]
+    if diffs:
+        raise IndexMismatchError(
+            f"the index at {where} does not match the encoder in use ({'; '.join(diffs)}). "
+            f"Rebuild it with the current encoder: rerun 05_index (python -m bsharedrag.run CONFIG --only 05 --resume RUN_ID)"
+        )
+
+
+def load_dense_index(index_dir: str | Path, expected: dict | None = None) -> tuple[faiss.Index, list[str], dict]:
+    """Load a saved index, its doc ids and its manifest, after checking the manifest against `expected`."""
+    manifest = read_manifest(index_dir)
+    if expected is not None:
+        check_manifest(manifest, expected, index_dir)
+    index = faiss.read_index(str(Path(index_dir) / "index.faiss"))
+    doc_ids = json.loads((Path(index_dir) / "doc_ids.json").read_text())
+    return index, doc_ids, manifest
+
+
+def search_dense(index: faiss.Index, doc_ids: list[str], query_embeddings: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """Top-k (doc_id, inner product) per query."""
+    k = min(k, index.ntotal)
+    scores, ids = index.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
+    return [[(doc_ids[j], float(s)) for j, s in zip(id_row, score_row) if j >= 0] for id_row, score_row in zip(ids, scores)]

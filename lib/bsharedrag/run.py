@@ -1,0 +1,183 @@
+"""The runner: resolve a config, open outputs/<run_id>/, execute the numbered notebooks with papermill in order.
+
+    python -m bsharedrag.run configs/demo.yaml [--only 05,06]
+    python -m bsharedrag.run --resume RUN_ID [--only 06]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import papermill
+import yaml
+
+from . import paths
+from .artefacts import atomic_write_json, atomic_write_text, sha256_file
+from .config import ConfigError, load_config, notebook_parameters
+from .progress import BATCH_ENV
+from .steps import new_run_id, versions
+
+COMPLETE = ".complete.json"  # written by the runner into a step folder once its notebook ran through
+
+
+def available_notebooks() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))}
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def plan(cfg: dict, only: list[str] | None) -> list[tuple[str, Path]]:
+    """The notebooks to run, in order: those the config lists that exist here, filtered by --only prefixes."""
+    have = available_notebooks()
+    wanted = cfg["run"]["notebooks"]
+    for name in wanted:
+        if name not in have:
+            print(f"[run] {name}: not in this repository yet; skipped", flush=True)
+    chosen = [(stem, have[stem]) for stem in have if stem in wanted]
+    if only:
+        bad = [o for o in only if not any(stem.startswith(o) for stem, _ in chosen)]
+        if bad:
+            raise ConfigError(f"--only {','.join(bad)} names no notebook of this run; have: {', '.join(s for s, _ in chosen)}")
+        chosen = [(stem, nb) for stem, nb in chosen if any(stem.startswith(o) for o in only)]
+    return chosen
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def mark_complete(step_dir: Path, params: dict) -> None:
+    """Record the sha256 of every file the step wrote, so a resume can verify it rather than trust its existence."""
+    files = {str(p.relative_to(step_dir)): sha256_file(p) for p in sorted(step_dir.rglob("*"))
+             if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
+    atomic_write_json(step_dir / COMPLETE, {"params": _params_hash(params), "files": files})
+
+
+def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
+    """Whether the step's artefacts are all there and unchanged, and if not, why."""
+    marker = step_dir / COMPLETE
+    if not marker.is_file():
+        return False, "never finished"
+    record = json.loads(marker.read_text())
+    if record.get("params") != _params_hash(params):
+        return False, "its parameters changed"
+    for rel, digest in record["files"].items():
+        path = step_dir / rel
+        if not path.is_file():
+            return False, f"{rel} is missing"
+        if sha256_file(path) != digest:
+            return False, f"{rel} changed since it was written"
+    return True, "complete"
+
+
+def write_env(run_dir: Path) -> None:
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    lines = [f"{k}: {v}" for k, v in versions().items()]
+    lines += [f"platform: {platform.platform()}", f"processor: {platform.processor()}", f"cpus: {os.cpu_count()}",
+              "", "# pip freeze", freeze]
+    atomic_write_text(run_dir / "env.txt", "\n".join(lines))
+
+
+def check_kernel(name: str) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        raise ConfigError(
+            f"Jupyter kernel {name!r} is not installed; run `make setup` (or "
+            f"`python -m ipykernel install --sys-prefix --name {name}`)"
+        ) from None
+
+
+def prepare(cfg: dict, run_dir: Path, only: list[str] | None = None) -> tuple[list[tuple[str, Path]], dict]:
+    """Plan the notebooks and check every one's parameters and the kernel before any work starts."""
+    steps = plan(cfg, only)
+    params = {stem: notebook_parameters(cfg, stem, declared_parameters(nb), str(run_dir)) for stem, nb in steps}
+    check_kernel(cfg["run"]["kernel"])
+    return steps, params
+
+
+def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: bool = False) -> int:
+    """Run the planned notebooks; stop at the first failure and print the executed notebook's path."""
+    steps, params = prepare(cfg, run_dir, only)
+    os.environ[BATCH_ENV] = "1"
+    rerun_rest = False
+    for stem, notebook in steps:
+        step_dir = run_dir / stem
+        if resume and not rerun_rest:
+            done, why = is_complete(step_dir, params[stem])
+            if done:
+                print(f"[run] {stem}: complete and verified; skipped", flush=True)
+                continue
+            print(f"[run] {stem}: rerun ({why})", flush=True)
+        rerun_rest = True  # what follows a rerun step read its artefacts, so it reruns too
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / COMPLETE).unlink(missing_ok=True)
+        executed = run_dir / f"{stem}.ipynb"
+        print(f"[run] {stem}: executing -> {executed}", flush=True)
+        try:
+            papermill.execute_notebook(
+                str(notebook), str(executed), parameters=params[stem], kernel_name=cfg["run"]["kernel"],
+                cwd=str(paths.NOTEBOOKS), log_output=True, progress_bar=False,
+                execution_timeout=cfg["run"]["timeout_s"],
+            )
+        except Exception as exc:  # papermill raises its own error for a failing cell; anything else stops too
+            print(f"[run] {stem} FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
+                  file=sys.stderr, flush=True)
+            print(f"[run] the failing cell is marked in {executed}", file=sys.stderr, flush=True)
+            print(f"[run] fix it, then: python -m bsharedrag.run --resume {run_dir.name}", file=sys.stderr, flush=True)
+            return 1
+        mark_complete(step_dir, params[stem])
+    print(f"[run] done: {run_dir}", flush=True)
+    return 0
+
+
+def start_run(config: str | Path, only: list[str] | None = None) -> tuple[dict, Path]:
+    """Resolve and check `config`, then create a new run folder with resolved.yaml and env.txt (never reused)."""
+    cfg = load_config(config)
+    run_dir = paths.OUTPUTS / new_run_id(cfg["run"]["name"])
+    prepare(cfg, run_dir, only)
+    run_dir.mkdir(parents=True, exist_ok=False)
+    atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    write_env(run_dir)
+    return cfg, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", help="a YAML under configs/ (extends base.yaml)")
+    parser.add_argument("--only", help="comma-separated notebook prefixes to run, e.g. 05,06")
+    parser.add_argument("--resume", metavar="RUN_ID", help="continue outputs/RUN_ID: skip verified steps")
+    args = parser.parse_args(argv)
+    only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+    try:
+        if args.resume:
+            run_dir = paths.OUTPUTS / args.resume
+            if not (run_dir / "resolved.yaml").is_file():
+                raise ConfigError(f"no run to resume at {run_dir} (resolved.yaml missing); runs: ls {paths.OUTPUTS}")
+            if args.config:
+                print("[run] --resume uses the run's own resolved.yaml; the config argument is ignored", flush=True)
+            cfg = load_config(run_dir / "resolved.yaml")
+            return execute(cfg, run_dir, only, resume=True)
+        if not args.config:
+            parser.error("give a config (e.g. configs/demo.yaml) or --resume RUN_ID")
+        cfg, run_dir = start_run(args.config, only)
+        print(f"[run] run folder: {run_dir}", flush=True)
+        return execute(cfg, run_dir, only)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The retrieval systems compared in 05/06, by name: how each builds its index and how each searches it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .artefacts import sha256_texts
+from .backbone import Backbone, embed
+from .bm25 import build_bm25, search_bm25
+from .data import RetrievalDataset
+from .encoders import BackboneEncoder, MiniLMEncoder
+from .index import build_dense_index, check_queries, load_dense_index, search_dense
+
+BASELINES = ("bm25", "minilm", "backbone_last", "backbone_mean")
+
+
+@dataclass
+class EncodeSettings:
+    """How backbone systems embed text; the same values must be used to build and to search."""
+
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_length: int = 512
+    batch_size: int = 16
+    passage_format: str = "{title}: {text}"
+    index_factory: str = "Flat"
+
+
+def check_systems(systems: list[str]) -> None:
+    unknown = [s for s in systems if s not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown retrieval system(s) {unknown}; known: {', '.join(BASELINES)}")
+
+
+def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
+    if system == "minilm":
+        return MiniLMEncoder()
+    if backbone is None:
+        raise ValueError(f"system {system!r} needs a loaded backbone")
+    return BackboneEncoder(backbone, system.split("_", 1)[1], s.query_prefix, s.passage_prefix, s.max_length,
+                           s.batch_size)
+
+
+def corpus_hash(ds: RetrievalDataset, passage_format: str) -> str:
+    return sha256_texts(list(ds.corpus["doc_id"]) + ds.passages(passage_format))
+
+
+def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path, settings: EncodeSettings,
+                  backbone: Backbone | None = None) -> pd.DataFrame:
+    """Build and save one index per system under out_dir/<dataset>/<system>; returns a row of costs per system."""
+    check_systems(systems)
+    passages = ds.passages(settings.passage_format)
+    doc_ids = list(ds.corpus["doc_id"])
+    chash = corpus_hash(ds, settings.passage_format)
+    rows = []
+    if "bm25" in systems:
+        start = time.perf_counter()
+        build_bm25(passages, doc_ids, ds.lang, Path(out_dir) / ds.name / "bm25")
+        rows.append({"system": "bm25", "docs": len(doc_ids), "seconds": time.perf_counter() - start})
+    if "minilm" in systems:
+        start = time.perf_counter()
+        enc = MiniLMEncoder()
+        vectors = enc.encode_passages(passages)
+        build_dense_index(vectors, doc_ids, {**enc.identity, "corpus_hash": chash},
+                          Path(out_dir) / ds.name / "minilm", settings.index_factory)
+        rows.append({"system": "minilm", "docs": len(doc_ids), "seconds": time.perf_counter() - start})
+    poolings = tuple(s.split("_", 1)[1] for s in systems if s.startswith("backbone_"))
+    if poolings:
+        start = time.perf_counter()
+        # One forward pass over the corpus serves every pooling.
+        vectors = embed(backbone, passages, poolings, settings.passage_prefix, settings.max_length,
+                        settings.batch_size, desc=f"{ds.name} passages")
+        seconds = (time.perf_counter() - start) / len(poolings)
+        for pooling in poolings:
+            enc = _encoder(f"backbone_{pooling}", backbone, settings)
+            build_dense_index(vectors[pooling], doc_ids, {**enc.identity, "corpus_hash": chash},
+                              Path(out_dir) / ds.name / f"backbone_{pooling}", settings.index_factory)
+            rows.append({"system": f"backbone_{pooling}", "docs": len(doc_ids), "seconds": seconds})
+    return pd.DataFrame(rows)
+
+
+def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries: pd.DataFrame,
+             settings: EncodeSettings, k: int = 100, backbone: Backbone | None = None) -> dict[str, list[str]]:
+    """Rank the corpus for each query with `system`'s saved index: {qid: [doc_id, ...]} best first."""
+    check_systems([system])
+    texts = list(queries["text"])
+    check_queries(texts)
+    index_dir = Path(index_root) / ds.name / system
+    chash = corpus_hash(ds, settings.passage_format)
+    if system == "bm25":
+        hits = search_bm25(index_dir, texts, k, corpus_hash=chash)
+    else:
+        enc = _encoder(system, backbone, settings)
+        index, doc_ids, _ = load_dense_index(index_dir, expected={**enc.identity, "corpus_hash": chash})
+        hits = search_dense(index, doc_ids, enc.encode_queries(texts), k)
+    return {qid: [doc for doc, _ in row] for qid, row in zip(queries["qid"], hits)}

@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,10 +118,17 @@ def body_of(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids with the tokenizer's own special tokens and an EOS appended last (the token last-pooling reads)."""
-    ids = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length - 1)["input_ids"]
+    """Token ids with the tokenizer's own special tokens and an EOS appended last (the token last-pooling reads).
+
+    Texts longer than `max_length` tokens are cut at the end, with one warning that counts them.
+    """
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    long = sum(len(row) > max_length - 1 for row in ids)
+    if long:
+        warnings.warn(f"{long} of {len(texts)} texts exceed max_length and were truncated to {max_length} tokens",
+                      stacklevel=3)
     eos = tokenizer.eos_token_id
-    return [row + [eos] for row in ids]
+    return [row[: max_length - 1] + [eos] for row in ids]
 
 
 def _pad(batch: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

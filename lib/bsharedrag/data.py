@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -110,29 +111,34 @@ def read_epqa(path: str | Path) -> RetrievalDataset:
     qrels: dict[str, dict[str, int]] = {}
     answers: dict[str, list[str]] = {}
     skipped: list[str] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                qid, question, text = row["qid"].strip(), row["question"].strip(), row["candidate"].strip()
-                label = int(row["label"])
-                title = (row.get("title") or "").strip()
-            except (KeyError, ValueError, AttributeError) as exc:
-                raise DataError(f"{path}:{line_no}: broken ePQA record ({exc!r}); fix or remove the row") from exc
-            if not qid or not question or label not in (0, 1, 2):
-                raise DataError(
-                    f"{path}:{line_no}: ePQA record needs a qid, a question and a label in 0/1/2; "
-                    f"got qid={qid!r} label={label!r}; fix or remove the row"
-                )
-            if not text:  # the public file has one such row (qid 7870): nothing to retrieve, so it is skipped
-                skipped.append(f"{path}:{line_no} (empty candidate)")
-                continue
-            doc_id = _doc_id(text)
-            docs.setdefault(doc_id, (title, text))
-            questions.setdefault(qid, question)
-            qrels.setdefault(qid, {})[doc_id] = max(label, qrels.get(qid, {}).get(doc_id, 0))
-            answer = (row.get("answer") or "").strip()
-            if answer and label == 2:
-                answers.setdefault(qid, []).append(answer)
+    try:
+        content = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 at byte {exc.start} ({exc.reason}); re-save the file as UTF-8") from exc
+    reader = csv.DictReader(io.StringIO(content, newline=""))
+    for row in reader:
+        line_no = reader.line_num
+        try:
+            qid, question, text = row["qid"].strip(), row["question"].strip(), row["candidate"].strip()
+            label = int(row["label"])
+            title = (row.get("title") or "").strip()
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise DataError(f"{path}:{line_no}: broken ePQA record ({exc!r}); fix or remove the row") from exc
+        if not qid or not question or label not in (0, 1, 2):
+            raise DataError(
+                f"{path}:{line_no}: ePQA record needs a qid, a question and a label in 0/1/2; "
+                f"got qid={qid!r} label={label!r}; fix or remove the row"
+            )
+        if not text:  # the public file has one such row (qid 7870): nothing to retrieve, so it is skipped
+            skipped.append(f"{path}:{line_no} (empty candidate)")
+            continue
+        doc_id = _doc_id(text)
+        docs.setdefault(doc_id, (title, text))
+        questions.setdefault(qid, question)
+        qrels.setdefault(qid, {})[doc_id] = max(label, qrels.get(qid, {}).get(doc_id, 0))
+        answer = (row.get("answer") or "").strip()
+        if answer and label == 2:
+            answers.setdefault(qid, []).append(answer)
     if skipped:
         warnings.warn(f"ePQA: skipped {len(skipped)} record(s) with no candidate text: {', '.join(skipped[:5])}")
     return _assemble("epqa", "en", docs, questions, qrels, answers, skipped)
@@ -149,8 +155,12 @@ def read_ecomeval(path: str | Path) -> RetrievalDataset:
     questions: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
     answers: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for line_no, raw_line in enumerate(fh, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{line_no}: not UTF-8 ({exc.reason}); re-save the file as UTF-8") from exc
             if not line.strip():
                 continue
             try:

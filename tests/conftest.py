@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+os.environ.setdefault("BSHAREDRAG_OFFLINE", "1")  # tests never wait on the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from bsharedrag.backbone import load_backbone
+
+    return load_backbone("tiny-random-gemma3", compute_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def small_epqa():
+    from bsharedrag.data import load_dataset
+
+    return load_dataset("epqa", seed=0, max_questions=30)
+
+
+@pytest.fixture(scope="session")
+def small_ecomeval():
+    from bsharedrag.data import load_dataset
+
+    return load_dataset("ecomeval", seed=0, max_questions=30)

@@ -1,0 +1,79 @@
+"""Embedding with the backbone body: pooling, padding, truncation, and any causal-LM family."""
+
+import numpy as np
+import pytest
+import torch
+
+from bsharedrag.backbone import embed, load_backbone, pool, tokenize_for_embedding
+from bsharedrag.devices import pick_compute_dtype
+
+TEXTS = ["how big is the drawer?", "这款相机适合初学者吗？它的像素是多少", "a much longer product description " * 12]
+
+
+def test_embedding_does_not_depend_on_padding_side_or_batch(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    side = tok.padding_side
+    try:
+        alone = embed(tiny_backbone, TEXTS, ("last", "mean"), batch_size=1)
+        tok.padding_side = "left"
+        left = embed(tiny_backbone, TEXTS, ("last", "mean"), batch_size=3)
+        tok.padding_side = "right"
+        right = embed(tiny_backbone, TEXTS, ("last", "mean"), batch_size=3)
+    finally:
+        tok.padding_side = side
+    for p in ("last", "mean"):
+        np.testing.assert_allclose(left[p], alone[p], atol=1e-5)
+        np.testing.assert_allclose(right[p], alone[p], atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(alone[p], axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(alone["last"], alone["mean"])
+
+
+def test_last_pooling_reads_the_appended_eos(tiny_backbone):
+    ids = tokenize_for_embedding(tiny_backbone.tokenizer, ["hello"], 16)
+    assert ids[0][-1] == tiny_backbone.tokenizer.eos_token_id
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    pooled = pool(hidden, mask, "last")
+    expected = torch.nn.functional.normalize(torch.stack([hidden[0, 3], hidden[1, 1]]), dim=-1)
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_lm_head_is_never_computed_when_embedding(tiny_backbone):
+    calls = []
+    handle = tiny_backbone.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        embed(tiny_backbone, TEXTS[:2])
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_overlong_text_is_truncated_with_a_warning(tiny_backbone):
+    with pytest.warns(UserWarning, match="1 of 2 texts .* truncated to 16 tokens"):
+        out = embed(tiny_backbone, ["short", "word " * 100], max_length=16)
+    assert np.isfinite(out["last"]).all()
+
+
+def test_unknown_pooling_is_refused(tiny_backbone):
+    with pytest.raises(ValueError, match="unknown pooling 'cls'"):
+        embed(tiny_backbone, ["x"], ("cls",))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_other_causal_lm_families_embed(family):
+    bb = load_backbone(f"tiny-random-{family}", compute_dtype="float32")
+    out = embed(bb, TEXTS, ("last",))["last"]
+    assert out.shape == (3, 64) and np.isfinite(out).all()
+
+
+def test_compute_dtype_request_wins_and_unknown_is_refused():
+    assert pick_compute_dtype(torch.device("cpu"), "float32") == torch.float32
+    assert pick_compute_dtype(torch.device("cpu"), "auto") in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="compute_dtype 'fp8'"):
+        pick_compute_dtype(torch.device("cpu"), "fp8")
+
+
+def test_fingerprint_tells_weights_apart():
+    a = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=0)
+    b = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=1)
+    assert a.fingerprint != b.fingerprint and a.tokenizer_fingerprint == b.tokenizer_fingerprint

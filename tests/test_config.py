@@ -1,0 +1,62 @@
+import pytest
+import yaml
+
+from bsharedrag import paths
+from bsharedrag.config import ConfigError, deep_merge, load_config, notebook_parameters
+
+
+def write(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_deep_merge_merges_dicts_and_replaces_lists():
+    merged = deep_merge({"a": {"x": 1, "y": [1, 2]}, "b": 1}, {"a": {"y": [3]}, "c": 2})
+    assert merged == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+
+
+def test_layers_resolve_base_then_scale_then_experiment(tmp_path):
+    exp = write(tmp_path, "exp.yaml", {"extends": str(paths.CONFIGS / "tiny.yaml"), "common": {"seed": 3}})
+    cfg = load_config(exp)
+    assert cfg["common"]["seed"] == 3  # experiment
+    assert cfg["common"]["backbone"] == "tiny-random-gemma3"  # scale
+    assert cfg["05_index"]["index_factory"] == "Flat"  # base
+
+
+def test_unknown_key_is_refused_with_the_closest_name(tmp_path):
+    path = write(tmp_path, "bad.yaml", {"extends": str(paths.CONFIGS / "base.yaml"), "common": {"max_lenght": 3}})
+    with pytest.raises(ConfigError, match=r"common\.max_lenght.*did you mean `max_length`"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"common": {"max_length": "long"}}, "declares it as int"),
+    ({"common": {"split_fractions": [0.5, 0.5, 0.5]}}, "summing to 1"),
+    ({"common": {"compute_dtype": "fp8"}}, "compute_dtype"),
+    ({"run": {"timeout_s": 0}}, "timeout_s"),
+    ({"05_index": {"systems": "bm25"}}, "declares it as list"),
+])
+def test_bad_values_are_refused_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny.yaml", overrides=override)
+
+
+def test_extends_loop_is_reported(tmp_path):
+    write(tmp_path, "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path, "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_notebook_parameter_unknown_to_the_notebook_names_notebook_and_closest():
+    cfg = load_config("tiny.yaml")
+    cfg["06_evaluate"]["retrieval_dept"] = 5
+    with pytest.raises(ConfigError, match=r"`retrieval_dept` in 06_evaluate; did you mean `retrieval_depth`"):
+        notebook_parameters(cfg, "06_evaluate", {"retrieval_depth", "seed", "systems"}, "/tmp/run")
+
+
+def test_notebook_gets_only_the_common_keys_it_declares():
+    cfg = load_config("tiny.yaml")
+    params = notebook_parameters(cfg, "06_evaluate", {"seed", "systems", "retrieval_depth"}, "/tmp/run")
+    assert params["run_dir"] == "/tmp/run" and params["seed"] == 0 and "backbone" not in params

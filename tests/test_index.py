@@ -1,0 +1,92 @@
+"""faiss indexes with manifests, BM25, and the systems built from them on small real data."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bsharedrag.artefacts import atomic_dir
+from bsharedrag.bm25 import bm25_tokens, build_bm25, search_bm25
+from bsharedrag.encoders import BackboneEncoder
+from bsharedrag.index import IndexMismatchError, build_dense_index, check_queries, load_dense_index, search_dense
+from bsharedrag.metrics import evaluate_retrieval
+from bsharedrag.systems import EncodeSettings, build_indexes, retrieve
+
+
+def _vectors(n=50, dim=16, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+def test_dense_index_finds_each_vector_itself(tmp_path, factory):
+    vectors, ids = _vectors(), [f"d{i}" for i in range(50)]
+    build_dense_index(vectors, ids, {"encoder": "x", "corpus_hash": "h"}, tmp_path / "idx", factory)
+    index, doc_ids, manifest = load_dense_index(tmp_path / "idx", expected={"encoder": "x", "corpus_hash": "h"})
+    if factory.startswith("IVF"):
+        index.nprobe = 4
+    hits = search_dense(index, doc_ids, vectors[:5], k=3)
+    assert [h[0][0] for h in hits] == ids[:5]
+    assert manifest["factory"] == factory and manifest["dim"] == 16 and manifest["count"] == 50
+
+
+def test_index_built_by_another_encoder_or_corpus_is_refused(tmp_path, tiny_backbone):
+    enc = BackboneEncoder(tiny_backbone, "last")
+    build_dense_index(_vectors(dim=64), [f"d{i}" for i in range(50)], {**enc.identity, "corpus_hash": "h1"}, tmp_path / "i")
+    other = BackboneEncoder(tiny_backbone, "mean")
+    with pytest.raises(IndexMismatchError, match=r"pooling: built with 'last', now 'mean'.*rerun 05_index"):
+        load_dense_index(tmp_path / "i", expected={**other.identity, "corpus_hash": "h1"})
+    with pytest.raises(IndexMismatchError, match="corpus_hash"):
+        load_dense_index(tmp_path / "i", expected={**enc.identity, "corpus_hash": "h2"})
+    with pytest.raises(IndexMismatchError, match="adapter: built with None, now 'retrieval'"):
+        load_dense_index(tmp_path / "i", expected={**enc.identity, "adapter": "retrieval", "corpus_hash": "h1"})
+
+
+def test_duplicate_doc_ids_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="doc ids repeat"):
+        build_dense_index(_vectors(3), ["a", "b", "a"], {}, tmp_path / "i")
+
+
+@pytest.mark.parametrize("queries, message", [([], "query list is empty"), (["ok", "  \n"], "query 1 is empty")])
+def test_empty_queries_are_refused(queries, message):
+    with pytest.raises(ValueError, match=message):
+        check_queries(queries)
+
+
+def test_a_failed_rebuild_leaves_the_old_index_whole(tmp_path):
+    target = tmp_path / "idx"
+    build_dense_index(_vectors(), [f"d{i}" for i in range(50)], {"encoder": "old"}, target)
+    before = (target / "manifest.json").read_text()
+    with pytest.raises(RuntimeError), atomic_dir(target) as staging:
+        (staging / "manifest.json").write_text("{}")
+        raise RuntimeError("killed mid-build")
+    assert (target / "manifest.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bm25_tokenises_both_languages():
+    assert bm25_tokens("The drawers are fitting", "en") == ["drawer", "fit"]
+    assert "相机" in bm25_tokens("这款相机适合初学者", "zh")
+
+
+def test_bm25_ranks_the_matching_document_first_and_handles_unmatched_queries(tmp_path):
+    docs = ["the crisper drawer fits frigidaire fridges", "a red cotton t-shirt", "索尼相机 画质 很好"]
+    build_bm25(docs, ["a", "b", "c"], "en", tmp_path / "bm25")
+    hits = search_bm25(tmp_path / "bm25", ["does the drawer fit my fridge", "zzzz qqqq", "索尼相机"], k=2)
+    assert hits[0][0][0] == "a" and hits[1] == [] and hits[2][0][0] == "c"
+
+
+def test_systems_build_and_search_on_real_questions(tmp_path, small_epqa, tiny_backbone):
+    settings = EncodeSettings(max_length=64, batch_size=32)
+    costs = build_indexes(small_epqa, ["bm25", "backbone_last", "backbone_mean"], tmp_path, settings, tiny_backbone)
+    assert list(costs["system"]) == ["bm25", "backbone_last", "backbone_mean"]
+    manifest = json.loads((tmp_path / "epqa" / "backbone_mean" / "manifest.json").read_text())
+    assert manifest["pooling"] == "mean" and manifest["count"] == len(small_epqa.corpus)
+    queries = small_epqa.queries
+    bm25_run = retrieve(small_epqa, "bm25", tmp_path, queries, settings, k=10)
+    assert evaluate_retrieval(bm25_run, small_epqa.qrels)["hit@5"] > 0.5  # 30 questions over ~300 documents
+    dense = retrieve(small_epqa, "backbone_last", tmp_path, queries, settings, k=10, backbone=tiny_backbone)
+    assert all(len(r) == 10 for r in dense.values())
+    with pytest.raises(IndexMismatchError, match="max_length"):
+        retrieve(small_epqa, "backbone_last", tmp_path, queries, EncodeSettings(max_length=32), k=10,
+                 backbone=tiny_backbone)

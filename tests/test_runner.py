@@ -1,0 +1,91 @@
+"""The runner end to end at scale=tiny: the chain, its metrics.json, resume with verification, and failures."""
+
+import json
+
+import pytest
+import yaml
+
+from bsharedrag import paths, run
+from bsharedrag.metrics import RETRIEVAL_METRICS
+from bsharedrag.systems import BASELINES
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(paths, "OUTPUTS", outputs)
+    try:
+        assert run.main([str(paths.CONFIGS / "tiny.yaml")]) == 0
+    finally:
+        mp.undo()
+    (run_dir,) = outputs.iterdir()
+    return run_dir
+
+
+def test_chain_writes_metrics_in_the_agreed_shape(tiny_run):
+    assert (tiny_run / "resolved.yaml").is_file() and "torch" in (tiny_run / "env.txt").read_text()
+    assert tiny_run.name.endswith("-tiny") and (tiny_run / "06_evaluate.ipynb").is_file()
+    metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
+    assert set(metrics["retrieval"]) == {"epqa", "ecomeval"}
+    for dataset, by_system in metrics["retrieval"].items():
+        assert set(by_system) == set(BASELINES)
+        for system, values in by_system.items():
+            assert set(RETRIEVAL_METRICS) <= set(values)
+            assert all(0.0 <= values[m] <= 1.0 for m in RETRIEVAL_METRICS), (dataset, system)
+            assert values["hit@1"] <= values["hit@3"] <= values["hit@5"]
+    # BM25 on 40 real questions each: far above what a random ranking of ~400 documents would reach.
+    assert metrics["retrieval"]["epqa"]["bm25"]["hit@5"] >= 0.4
+    assert metrics["retrieval"]["ecomeval"]["bm25"]["hit@5"] >= 0.6
+    index_metrics = json.loads((tiny_run / "05_index" / "metrics.json").read_text())
+    assert index_metrics["datasets"]["epqa"]["questions"] == 40
+    for name in ("retrieval_epqa.png", "retrieval_epqa.pdf"):
+        assert (tiny_run / "06_evaluate" / "figures" / name).stat().st_size > 1000
+    assert (tiny_run / "06_evaluate" / "tables" / "retrieval_ecomeval.tex").is_file()
+
+
+def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):
+    from bsharedrag.data import load_dataset
+    from bsharedrag.metrics import evaluate_retrieval
+
+    metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
+    cfg = yaml.safe_load((tiny_run / "resolved.yaml").read_text())["common"]
+    ds = load_dataset("epqa", cfg["seed"], cfg["split_fractions"], cfg["max_questions"])
+    ranking = json.loads((tiny_run / "06_evaluate" / "runs" / "epqa" / "bm25.json").read_text())
+    assert evaluate_retrieval(ranking, ds.qrels) == pytest.approx(metrics["retrieval"]["epqa"]["bm25"])
+
+
+def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
+    assert run.main(["--resume", tiny_run.name]) == 0
+    out = capsys.readouterr().out
+    assert "05_index: complete and verified; skipped" in out and "06_evaluate: complete and verified" in out
+    table = tiny_run / "06_evaluate" / "tables" / "retrieval_epqa.md"
+    table.write_text("tampered")
+    assert run.main(["--resume", tiny_run.name, "--only", "06"]) == 0
+    out = capsys.readouterr().out
+    assert "06_evaluate: rerun (tables/retrieval_epqa.md changed since it was written)" in out
+    assert table.read_text() != "tampered"
+
+
+def test_unknown_notebook_parameter_stops_before_any_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "OUTPUTS", tmp_path / "outputs")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"), "06_evaluate": {"systems_x": [1]}}))
+    assert run.main([str(cfg)]) == 2
+    assert "unknown config key `06_evaluate.systems_x`" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "OUTPUTS", tmp_path)
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"),
+                                   "common": {"datasets": ["ecomeval"]},
+                                   "05_index": {"systems": ["bm25", "splade"]}}))
+    assert run.main([str(cfg)]) == 1
+    err = capsys.readouterr().err
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert f"the failing cell is marked in {run_dir / '05_index.ipynb'}" in err
+    assert "unknown retrieval system(s) ['splade']" in err
+    assert not (run_dir / "06_evaluate.ipynb").exists()

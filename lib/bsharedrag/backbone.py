@@ -33,20 +33,24 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    fingerprint: str = ""  # of the base weights as loaded, before any adapter is attached
 
-    @property
-    def fingerprint(self) -> str:
-        """Changes when the weights or the architecture change: manifests use it to refuse a foreign index."""
-        digest = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
-        for _, tensor in list(self.model.state_dict().items())[:8]:
-            digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def __post_init__(self) -> None:
+        self.fingerprint = self.fingerprint or weights_fingerprint(self.model)
 
     @property
     def tokenizer_fingerprint(self) -> str:
         tok = self.tokenizer
         probe = tok("BSharedRAG 检索 增强 0123", add_special_tokens=True)["input_ids"]
         return hashlib.sha256(json.dumps([type(tok).__name__, len(tok), probe]).encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: PreTrainedModel) -> str:
+    """Changes when the weights or the architecture change: manifests use it to refuse a foreign index."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for _, tensor in list(model.state_dict().items())[:8]:
+        digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def prepare_default_backbone(cache: Path | None = None) -> Path:
@@ -131,7 +135,7 @@ def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     return [row[: max_length - 1] + [eos] for row in ids]
 
 
-def _pad(batch: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(batch: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(row) for row in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -156,6 +160,17 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
+def pooled_forward(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
+                   poolings: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """One batch of token rows through the body: an L2-normalised embedding per pooling (with grad if enabled)."""
+    input_ids, mask = pad_rows(rows, tokenizer.pad_token_id, tokenizer.padding_side or "right")
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    # Positions count real tokens only, so a text embeds the same whichever side and however much it is padded.
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = body_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    return {p: pool(hidden, mask, p) for p in poolings}
+
+
 def embed(backbone: Backbone, texts: list[str], poolings: tuple[str, ...] = ("last",), prefix: str = "",
           max_length: int = 512, batch_size: int = 16, desc: str = "embed") -> dict[str, np.ndarray]:
     """Embed `texts` (with `prefix`) through the backbone body in length-sorted batches: one array per pooling."""
@@ -166,19 +181,14 @@ def embed(backbone: Backbone, texts: list[str], poolings: tuple[str, ...] = ("la
     order = np.argsort([-len(row) for row in ids], kind="stable")
     dim = backbone.model.config.get_text_config().hidden_size
     out = {p: np.zeros((len(texts), dim), dtype=np.float32) for p in poolings}
-    body = body_of(backbone.model)
-    side = backbone.tokenizer.padding_side or "right"
     starts = range(0, len(order), batch_size)
     with torch.inference_mode(), autocast(backbone.device, backbone.dtype):
         for start in progress(starts, total=len(starts), desc=desc):
             rows = order[start:start + batch_size]
-            input_ids, mask = _pad([ids[i] for i in rows], backbone.tokenizer.pad_token_id, side)
-            input_ids, mask = input_ids.to(backbone.device), mask.to(backbone.device)
-            # Positions count real tokens only, so a text embeds the same whichever side and however much it is padded.
-            position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            pooled = pooled_forward(backbone.model, backbone.tokenizer, [ids[i] for i in rows], poolings,
+                                    backbone.device)
             for p in poolings:
-                out[p][rows] = pool(hidden, mask, p).cpu().numpy()
+                out[p][rows] = pooled[p].cpu().numpy()
     return out
 
 

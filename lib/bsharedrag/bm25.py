@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import bm25s
+import numpy as np
 
 from .artefacts import atomic_dir, sha256_texts
 from .index import IndexMismatchError, check_queries
@@ -69,3 +70,16 @@ def search_bm25(index_dir: str | Path, queries: list[str], k: int, corpus_hash: 
         for i, id_row, score_row in zip(rows, ids, scores):
             results[i] = [(doc_ids[j], float(s)) for j, s in zip(id_row, score_row) if s > 0]
     return results
+
+
+def bm25_score_matrix(passages: list[str], queries: list[str], lang: str) -> np.ndarray:
+    """BM25 score of every passage for every query (queries x passages), from an in-memory index."""
+    retriever = bm25s.BM25()
+    retriever.index([bm25_tokens(p, lang) for p in passages], show_progress=False)
+    vocab = retriever.vocab_dict
+    out = np.zeros((len(queries), len(passages)), dtype=np.float32)
+    for i, q in enumerate(queries):
+        tokens = [t for t in bm25_tokens(q, lang) if t in vocab]
+        if tokens:
+            out[i] = retriever.get_scores(tokens)
+    return out

@@ -60,3 +60,19 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def main() -> None:
+    """Print this machine's measured matmul limits (the figures benchmarks compare against)."""
+    device = pick_device()
+    threads = torch.get_num_threads()
+    print(f"device {device}, torch threads {threads}")
+    for name, dtype in DTYPES.items():
+        if device.type == "cpu" and dtype == torch.float16:
+            continue
+        print(f"{name:>9}: {measure_matmul_tflops(dtype, device, n=1024, seconds=1.0):.4f} TFLOP/s (1024x1024 matmul)")
+    print(f"compute_dtype auto -> {pick_compute_dtype(device, 'auto')}")
+
+
+if __name__ == "__main__":
+    main()

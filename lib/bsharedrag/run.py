@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import papermill
@@ -112,6 +113,8 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
     steps, params = prepare(cfg, run_dir, only)
     os.environ[BATCH_ENV] = "1"
     rerun_rest = False
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for stem, notebook in steps:
         step_dir = run_dir / stem
         if resume and not rerun_rest:
@@ -125,6 +128,7 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
         (step_dir / COMPLETE).unlink(missing_ok=True)
         executed = run_dir / f"{stem}.ipynb"
         print(f"[run] {stem}: executing -> {executed}", flush=True)
+        started = time.perf_counter()
         try:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=params[stem], kernel_name=cfg["run"]["kernel"],
@@ -138,7 +142,10 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
             print(f"[run] fix it, then: python -m bsharedrag.run --resume {run_dir.name}", file=sys.stderr, flush=True)
             return 1
         mark_complete(step_dir, params[stem])
-    print(f"[run] done: {run_dir}", flush=True)
+        timings[stem] = round(time.perf_counter() - started, 1)
+        atomic_write_json(run_dir / "timings.json", timings)
+        print(f"[run] {stem}: done in {timings[stem]:.0f}s", flush=True)
+    print(f"[run] done: {run_dir} ({sum(timings.values()):.0f}s of notebook time in this run)", flush=True)
     return 0
 
 

@@ -6,11 +6,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .artefacts import sha256_texts
 from .backbone import Backbone, embed
-from .bm25 import build_bm25, search_bm25
+from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
 from .index import build_dense_index, check_queries, load_dense_index, search_dense
@@ -98,3 +99,16 @@ def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries:
         index, doc_ids, _ = load_dense_index(index_dir, expected={**enc.identity, "corpus_hash": chash})
         hits = search_dense(index, doc_ids, enc.encode_queries(texts), k)
     return {qid: [doc for doc, _ in row] for qid, row in zip(queries["qid"], hits)}
+
+
+def score_matrix(ds: RetrievalDataset, system: str, queries: pd.DataFrame, settings: EncodeSettings,
+                 backbone: Backbone | None = None) -> np.ndarray:
+    """Scores of every corpus document for every query (queries x corpus) under `system`, without a saved index."""
+    check_systems([system])
+    passages = ds.passages(settings.passage_format)
+    texts = list(queries["text"])
+    check_queries(texts)
+    if system == "bm25":
+        return bm25_score_matrix(passages, texts, ds.lang)
+    enc = _encoder(system, backbone, settings)
+    return enc.encode_queries(texts) @ enc.encode_passages(passages).T

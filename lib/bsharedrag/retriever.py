@@ -1,0 +1,256 @@
+"""The retrieval adapter: a LoRA on the shared backbone trained with InfoNCE over in-batch plus hard negatives.
+
+Scales out unchanged under `accelerate launch`: every process's passage embeddings are gathered so that each query
+is scored against the whole global batch, and GradCache splits a batch larger than memory into chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import get_linear_schedule_with_warmup
+
+from .artefacts import atomic_dir, atomic_write_json, sha256_file
+from .backbone import Backbone, pad_rows, body_of, pool, tokenize_for_embedding
+from .progress import progress
+
+RETRIEVAL_ADAPTER = "retrieval"
+META = "retriever.json"
+
+
+@dataclass
+class RetrieverSettings:
+    """Every knob of retrieval-adapter training (03_retriever declares each as a parameter)."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+    temperature: float = 0.05
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.1
+    steps: int = 100
+    batch_size: int = 8  # questions per process per step
+    n_negatives: int = 3  # negatives per question in its group (positive first)
+    chunk_size: int = 0  # GradCache: texts per forward pass; 0 encodes the whole batch at once
+    query_max_length: int = 64
+    passage_max_length: int = 128
+    pooling: str = "last"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    save_every: int = 0  # steps between resumable checkpoints; 0 saves none
+    seed: int = 0
+
+
+class PooledEncoder(torch.nn.Module):
+    """The backbone body plus pooling as one module, so DDP sees every forward pass."""
+
+    def __init__(self, model: torch.nn.Module, pooling: str):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = body_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+
+def add_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings) -> PeftModel:
+    """Wrap the backbone with a fresh LoRA named `retrieval` (the base weights stay frozen)."""
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules=list(settings.target_modules), bias="none")
+    torch.manual_seed(settings.seed)
+    model = get_peft_model(backbone.model, config, adapter_name=RETRIEVAL_ADAPTER)
+    backbone.model = model
+    return model
+
+
+def infonce_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: float, group_size: int) -> torch.Tensor:
+    """Cross-entropy of each query against all passages; its positive is the first of its own group."""
+    scores = queries @ passages.T / temperature
+    labels = torch.arange(queries.shape[0], device=queries.device) * group_size
+    return torch.nn.functional.cross_entropy(scores, labels)
+
+
+def gather_keep_grad(x: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    """All processes' rows, in process order; this process's own rows keep their autograd graph."""
+    if accelerator.num_processes == 1:
+        return x
+    chunks = list(accelerator.gather(x.detach().contiguous()).split(x.shape[0]))
+    chunks[accelerator.process_index] = x
+    return torch.cat(chunks)
+
+
+def global_batch(groups: list[dict], step: int, global_size: int, n_negatives: int, seed: int) -> list[tuple[str, list[str]]]:
+    """The (query, [positive, negatives...]) groups of `step`, the same whatever the number of processes."""
+    epoch, offset = divmod(step * global_size, len(groups))
+    out = []
+    while len(out) < global_size:
+        order = np.random.default_rng([seed, epoch]).permutation(len(groups))
+        for i in order[offset: offset + global_size - len(out)]:
+            g = groups[i]
+            rng = np.random.default_rng([seed, step, int(i)])
+            positive = g["positives"][int(rng.integers(len(g["positives"])))]
+            negatives = list(g["negatives"])
+            if len(negatives) >= n_negatives:
+                negatives = [negatives[j] for j in sorted(rng.choice(len(negatives), n_negatives, replace=False))]
+            else:  # too few mined: repeat (a duplicate negative only adds a repeated term to the softmax)
+                negatives = (negatives * n_negatives)[:n_negatives] if negatives else []
+            if len(negatives) != n_negatives:
+                raise ValueError(f"question {g['qid']} has no negatives; mine again with a larger min_negatives")
+            out.append((g["query"], [positive] + negatives))
+        epoch, offset = epoch + 1, 0
+    return out
+
+
+def _encode(encoder, tokenizer, rows: list[list[int]], device) -> torch.Tensor:
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id, tokenizer.padding_side or "right")
+    return encoder(ids.to(device), mask.to(device))
+
+
+def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text: dict[str, str],
+               settings: RetrieverSettings, accelerator: Accelerator) -> float:
+    """One optimisation step's forward and backward (the caller steps the optimiser); returns the global loss."""
+    group = 1 + settings.n_negatives
+    q_rows = tokenize_for_embedding(tokenizer, [settings.query_prefix + q for q, _ in batch], settings.query_max_length)
+    p_rows = tokenize_for_embedding(tokenizer, [settings.passage_prefix + doc_text[d] for _, docs in batch for d in docs],
+                   settings.passage_max_length)
+    world = accelerator.num_processes
+    device = accelerator.device
+    if not settings.chunk_size:
+        q = _encode(encoder, tokenizer, q_rows, device)
+        p = _encode(encoder, tokenizer, p_rows, device)
+        loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator),
+                            settings.temperature, group)
+        accelerator.backward(loss * world)  # DDP averages gradients over processes; the loss is already global
+        return float(loss.detach())
+    # GradCache: embed without a graph, take the loss gradient w.r.t. the embeddings, then re-embed chunk by
+    # chunk with a graph and backpropagate those cached gradients (memory: one chunk, not the whole batch).
+    chunks = [(q_rows[i:i + settings.chunk_size]) for i in range(0, len(q_rows), settings.chunk_size)]
+    n_query_chunks = len(chunks)
+    chunks += [(p_rows[i:i + settings.chunk_size]) for i in range(0, len(p_rows), settings.chunk_size)]
+    with torch.no_grad():
+        reps = [_encode(encoder, tokenizer, rows, device) for rows in chunks]
+    q = torch.cat(reps[:n_query_chunks]).requires_grad_()
+    p = torch.cat(reps[n_query_chunks:]).requires_grad_()
+    loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator), settings.temperature, group)
+    (loss * world).backward()
+    grads = list(q.grad.split([len(c) for c in chunks[:n_query_chunks]])) + \
+        list(p.grad.split([len(c) for c in chunks[n_query_chunks:]]))
+    for i, (rows, grad) in enumerate(zip(chunks, grads)):
+        sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(encoder)
+        with sync:
+            accelerator.backward((_encode(encoder, tokenizer, rows, device) * grad).sum())
+    return float(loss.detach())
+
+
+def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float]) -> None:
+    with atomic_dir(path) as staging:
+        torch.save({"adapter": get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "step": step, "losses": losses}, staging / "state.pt")
+
+
+def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: dict[str, str],
+                            settings: RetrieverSettings, checkpoint_dir: str | Path | None = None,
+                            validate=None, validate_every: int = 0, accelerator: Accelerator | None = None) -> dict:
+    """Train the `retrieval` LoRA on `groups` for `settings.steps` steps; resumes from checkpoint_dir if one is there.
+
+    Returns the loss per step and the validation results `validate(step)` gave every `validate_every` steps.
+    """
+    if not groups:
+        raise ValueError("no training groups: every question lacked a positive; check the split and the qrels")
+    if accelerator is None:
+        mixed = "bf16" if backbone.dtype == torch.bfloat16 else "fp16" if backbone.dtype == torch.float16 else "no"
+        accelerator = Accelerator(mixed_precision=mixed, cpu=backbone.device.type == "cpu")
+    model = backbone.model if isinstance(backbone.model, PeftModel) else add_retrieval_adapter(backbone, settings)
+    model.train()
+    encoder = PooledEncoder(model, settings.pooling)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * settings.steps), settings.steps)
+    encoder, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
+    start, losses, history = 0, [], []
+    latest = Path(checkpoint_dir) / "latest" if checkpoint_dir else None
+    if latest is not None and (latest / "state.pt").is_file():
+        state = torch.load(latest / "state.pt", weights_only=False)
+        set_peft_model_state_dict(model, state["adapter"], adapter_name=RETRIEVAL_ADAPTER)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, losses = state["step"], state["losses"]
+        accelerator.print(f"resumed retriever training at step {start} from {latest}")
+    global_size = settings.batch_size * accelerator.num_processes
+    rank = accelerator.process_index
+    began = time.perf_counter()
+    for step in progress(range(start, settings.steps), total=settings.steps - start, desc="retriever"):
+        batch = global_batch(groups, step, global_size, settings.n_negatives, settings.seed)
+        mine = batch[rank * settings.batch_size:(rank + 1) * settings.batch_size]
+        losses.append(train_step(encoder, backbone.tokenizer, mine, doc_text, settings, accelerator))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
+            _save_checkpoint(latest, model, optimizer, scheduler, done, losses)
+        if validate is not None and validate_every and (done % validate_every == 0 or done == settings.steps):
+            model.eval()
+            history.append({"step": done, **validate(done)})
+            model.train()
+    model.eval()
+    return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
+            "processes": accelerator.num_processes}
+
+
+def adapter_identity(adapter_dir: str | Path) -> str:
+    """`retrieval:<sha256 of the adapter weights>`: what index manifests record as the adapter."""
+    return f"{RETRIEVAL_ADAPTER}:{sha256_file(Path(adapter_dir) / 'adapter_model.safetensors')[:16]}"
+
+
+def save_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings, target: str | Path, extra: dict | None = None) -> Path:
+    """Save the LoRA alone (a few MB) with retriever.json: its settings and the backbone it was trained on."""
+    model = backbone.model
+    with atomic_dir(target) as staging:
+        model.save_pretrained(str(staging), selected_adapters=[RETRIEVAL_ADAPTER])
+        saved = staging / RETRIEVAL_ADAPTER if (staging / RETRIEVAL_ADAPTER).is_dir() else staging
+        for item in saved.iterdir():
+            if saved != staging:
+                item.rename(staging / item.name)
+        if saved != staging:
+            saved.rmdir()
+        atomic_write_json(staging / META, {"settings": asdict(settings), "backbone": backbone.name,
+                                           "backbone_fingerprint": backbone.fingerprint,
+                                           "tokenizer": backbone.tokenizer_fingerprint, **(extra or {})})
+    return Path(target)
+
+
+def attach_retrieval_adapter(backbone: Backbone, adapter_dir: str | Path) -> RetrieverSettings:
+    """Attach a saved retrieval LoRA to `backbone` by name, refusing one trained on another backbone."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / META).is_file():
+        raise FileNotFoundError(f"no retrieval adapter at {adapter_dir} ({META} missing); train one with 03_retriever")
+    meta = json.loads((adapter_dir / META).read_text())
+    if meta["backbone_fingerprint"] != backbone.fingerprint:
+        raise ValueError(
+            f"the adapter at {adapter_dir} was trained on backbone {meta['backbone']} (fingerprint "
+            f"{meta['backbone_fingerprint']}), but the loaded backbone is {backbone.name} ({backbone.fingerprint}); "
+            f"load that backbone or retrain the adapter with 03_retriever"
+        )
+    if isinstance(backbone.model, PeftModel):
+        if RETRIEVAL_ADAPTER in backbone.model.peft_config:
+            backbone.model.delete_adapter(RETRIEVAL_ADAPTER)
+        backbone.model.load_adapter(str(adapter_dir), adapter_name=RETRIEVAL_ADAPTER)
+    else:
+        backbone.model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), adapter_name=RETRIEVAL_ADAPTER)
+    backbone.model.set_adapter(RETRIEVAL_ADAPTER)
+    backbone.model.eval()
+    return RetrieverSettings(**meta["settings"])

@@ -8,7 +8,8 @@ import pytest
 from bsharedrag.artefacts import atomic_dir
 from bsharedrag.bm25 import bm25_tokens, build_bm25, search_bm25
 from bsharedrag.encoders import BackboneEncoder
-from bsharedrag.index import IndexMismatchError, build_dense_index, check_queries, load_dense_index, search_dense
+from bsharedrag.index import (IndexMismatchError, build_dense_index, check_queries, load_dense_index, search_dense,
+                              set_search_parameters)
 from bsharedrag.metrics import evaluate_retrieval
 from bsharedrag.systems import EncodeSettings, build_indexes, retrieve
 
@@ -24,7 +25,7 @@ def test_dense_index_finds_each_vector_itself(tmp_path, factory):
     build_dense_index(vectors, ids, {"encoder": "x", "corpus_hash": "h"}, tmp_path / "idx", factory)
     index, doc_ids, manifest = load_dense_index(tmp_path / "idx", expected={"encoder": "x", "corpus_hash": "h"})
     if factory.startswith("IVF"):
-        index.nprobe = 4
+        set_search_parameters(index, nprobe=4)
     hits = search_dense(index, doc_ids, vectors[:5], k=3)
     assert [h[0][0] for h in hits] == ids[:5]
     assert manifest["factory"] == factory and manifest["dim"] == 16 and manifest["count"] == 50
@@ -90,3 +91,32 @@ def test_systems_build_and_search_on_real_questions(tmp_path, small_epqa, tiny_b
     with pytest.raises(IndexMismatchError, match="max_length"):
         retrieve(small_epqa, "backbone_last", tmp_path, queries, EncodeSettings(max_length=32), k=10,
                  backbone=tiny_backbone)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_add_replace_delete_by_doc_id_equals_a_rebuild(tmp_path, factory):
+    from bsharedrag.index import update_dense_index
+
+    vectors, ids = _vectors(60), [f"d{i}" for i in range(60)]
+    ident = {"encoder": "x", "corpus_hash": "before"}
+    build_dense_index(vectors[:50], ids[:50], ident, tmp_path / "live", factory)
+    replaced = _vectors(3, seed=9)
+    upserts = {"d3": replaced[0], "d7": replaced[1], **{ids[i]: vectors[i] for i in range(50, 60)}}
+    manifest = update_dense_index(tmp_path / "live", upserts, ["d0", "d10", "d20"], "after", {"encoder": "x"})
+    assert manifest["count"] == 57 and manifest["corpus_hash"] == "after"
+    final = {d: v for d, v in zip(ids, vectors) if d not in {"d0", "d10", "d20"}}
+    final.update({"d3": replaced[0], "d7": replaced[1]})
+    build_dense_index(np.stack(list(final.values())), list(final), {"encoder": "x", "corpus_hash": "after"},
+                      tmp_path / "rebuilt", "Flat")
+    live, live_docs, _ = load_dense_index(tmp_path / "live", expected={"encoder": "x", "corpus_hash": "after"})
+    rebuilt, rebuilt_docs, _ = load_dense_index(tmp_path / "rebuilt")
+    if factory.startswith("IVF"):
+        set_search_parameters(live, nprobe=4)  # every list: exact
+    queries = _vectors(20, seed=3)
+    got, want = search_dense(live, live_docs, queries, 10), search_dense(rebuilt, rebuilt_docs, queries, 10)
+    assert [[d for d, _ in row] for row in got] == [[d for d, _ in row] for row in want]
+    np.testing.assert_allclose([[s for _, s in row] for row in got], [[s for _, s in row] for row in want], atol=1e-6)
+    with pytest.raises(IndexMismatchError, match="corpus_hash"):
+        load_dense_index(tmp_path / "live", expected={"corpus_hash": "before"})
+    with pytest.raises(KeyError, match="d0"):
+        update_dense_index(tmp_path / "live", {}, ["d0"], "again", {"encoder": "x"})

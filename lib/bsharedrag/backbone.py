@@ -121,14 +121,15 @@ def body_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_decoder()
 
 
-def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
+def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                           warn: bool = True) -> list[list[int]]:
     """Token ids with the tokenizer's own special tokens and an EOS appended last (the token last-pooling reads).
 
     Texts longer than `max_length` tokens are cut at the end, with one warning that counts them.
     """
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     long = sum(len(row) > max_length - 1 for row in ids)
-    if long:
+    if long and warn:
         warnings.warn(f"{long} of {len(texts)} texts exceed max_length and were truncated to {max_length} tokens",
                       stacklevel=3)
     eos = tokenizer.eos_token_id

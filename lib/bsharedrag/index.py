@@ -37,16 +37,51 @@ def build_dense_index(embeddings: np.ndarray, doc_ids: list[str], manifest: dict
     if len(set(doc_ids)) != len(doc_ids):
         raise ValueError("doc ids repeat; every document needs a unique doc_id")
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    # Every document gets a stable int64 id, so it can be deleted or replaced without a rebuild. IVF indexes keep
+    # ids themselves; others need the IDMap2 wrapper (which must not wrap IVF: its removal would misnumber them).
+    spec = factory if "IVF" in factory else f"IDMap2,{factory}"
+    index = faiss.index_factory(vectors.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         index.train(vectors)
-    index.add(vectors)
+    index.add_with_ids(vectors, np.arange(len(doc_ids), dtype=np.int64))
     manifest = {**manifest, "dim": int(vectors.shape[1]), "factory": factory, "count": len(doc_ids)}
+    _save(index, dict(zip(doc_ids, range(len(doc_ids)))), manifest, target)
+    return Path(target)
+
+
+def _save(index: faiss.Index, ids: dict[str, int], manifest: dict, target: str | Path) -> None:
     with atomic_dir(target) as staging:
         faiss.write_index(index, str(staging / "index.faiss"))
-        (staging / "doc_ids.json").write_text(json.dumps(doc_ids))
+        (staging / "doc_ids.json").write_text(json.dumps(ids))
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return Path(target)
+
+
+def update_dense_index(index_dir: str | Path, upserts: dict[str, np.ndarray], deletes: list[str], corpus_hash: str,
+                       expected: dict) -> dict:
+    """Delete, replace and add documents by doc_id in a saved index (no rebuild); the result searches like a rebuild.
+
+    `upserts` maps doc_id to its new embedding (added, or replacing the old one); `corpus_hash` is the corpus's hash
+    after the change. Returns the new manifest. HNSW cannot delete: rebuild it instead.
+    """
+    index, doc_of, manifest = load_dense_index(index_dir, expected=expected)
+    ids = {doc: i for i, doc in doc_of.items()}
+    missing = [d for d in deletes if d not in ids]
+    if missing:
+        raise KeyError(f"cannot delete doc ids that the index does not hold: {missing[:5]}")
+    gone = [ids.pop(d) for d in list(deletes) + [d for d in upserts if d in ids]]
+    if gone:
+        if "HNSW" in manifest["factory"]:
+            raise ValueError(f"faiss {manifest['factory']} cannot delete documents; rebuild the index with 05_index")
+        index.remove_ids(np.array(gone, dtype=np.int64))
+    if upserts:
+        start = max(doc_of, default=-1) + 1  # ids in use before this change; deleted ones may be reused
+        new = {d: start + k for k, d in enumerate(upserts)}
+        vectors = np.ascontiguousarray(np.stack(list(upserts.values())), dtype=np.float32)
+        index.add_with_ids(vectors, np.array(list(new.values()), dtype=np.int64))
+        ids.update(new)
+    manifest = {**manifest, "corpus_hash": corpus_hash, "count": int(index.ntotal)}
+    _save(index, ids, manifest, index_dir)
+    return manifest
 
 
 def read_manifest(index_dir: str | Path) -> dict:
@@ -67,18 +102,27 @@ def check_manifest(built: dict, expected: dict, where: str | Path) -> None:
         )
 
 
-def load_dense_index(index_dir: str | Path, expected: dict | None = None) -> tuple[faiss.Index, list[str], dict]:
-    """Load a saved index, its doc ids and its manifest, after checking the manifest against `expected`."""
+def load_dense_index(index_dir: str | Path, expected: dict | None = None) -> tuple[faiss.Index, dict[int, str], dict]:
+    """Load a saved index, its int64 id -> doc_id map and its manifest, after checking the manifest against `expected`."""
     manifest = read_manifest(index_dir)
     if expected is not None:
         check_manifest(manifest, expected, index_dir)
     index = faiss.read_index(str(Path(index_dir) / "index.faiss"))
-    doc_ids = json.loads((Path(index_dir) / "doc_ids.json").read_text())
-    return index, doc_ids, manifest
+    ids = json.loads((Path(index_dir) / "doc_ids.json").read_text())
+    return index, {i: doc for doc, i in ids.items()}, manifest
 
 
-def search_dense(index: faiss.Index, doc_ids: list[str], query_embeddings: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+def search_dense(index: faiss.Index, doc_of: dict[int, str], query_embeddings: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
     """Top-k (doc_id, inner product) per query."""
     k = min(k, index.ntotal)
     scores, ids = index.search(np.ascontiguousarray(query_embeddings, dtype=np.float32), k)
-    return [[(doc_ids[j], float(s)) for j, s in zip(id_row, score_row) if j >= 0] for id_row, score_row in zip(ids, scores)]
+    return [[(doc_of[int(j)], float(s)) for j, s in zip(id_row, score_row) if j >= 0]
+            for id_row, score_row in zip(ids, scores)]
+
+
+def set_search_parameters(index: faiss.Index, **params: float) -> faiss.Index:
+    """Search-time knobs through any wrapper (nprobe for IVF, efSearch for HNSW), e.g. nprobe=16."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+    return index

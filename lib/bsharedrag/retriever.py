@@ -122,9 +122,10 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
                settings: RetrieverSettings, accelerator: Accelerator) -> float:
     """One optimisation step's forward and backward (the caller steps the optimiser); returns the global loss."""
     group = 1 + settings.n_negatives
-    q_rows = tokenize_for_embedding(tokenizer, [settings.query_prefix + q for q, _ in batch], settings.query_max_length)
+    q_rows = tokenize_for_embedding(tokenizer, [settings.query_prefix + q for q, _ in batch], settings.query_max_length,
+                                    warn=False)
     p_rows = tokenize_for_embedding(tokenizer, [settings.passage_prefix + doc_text[d] for _, docs in batch for d in docs],
-                   settings.passage_max_length)
+                                    settings.passage_max_length, warn=False)  # cut to length by design
     world = accelerator.num_processes
     device = accelerator.device
     if not settings.chunk_size:

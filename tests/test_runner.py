@@ -37,6 +37,11 @@ def test_chain_writes_metrics_in_the_agreed_shape(tiny_run):
     # BM25 on 40 real questions each: far above what a random ranking of ~400 documents would reach.
     assert metrics["retrieval"]["epqa"]["bm25"]["hit@5"] >= 0.4
     assert metrics["retrieval"]["ecomeval"]["bm25"]["hit@5"] >= 0.6
+    mining = json.loads((tiny_run / "02_mine_negatives" / "metrics.json").read_text())["mining"]
+    assert mining["epqa"]["groups"] > 20 and mining["epqa"]["negatives_per_group"] >= 3
+    assert mining["epqa"]["own_judged_share"] > 0  # some hard negatives are the product's own irrelevant sentences
+    first = json.loads((tiny_run / "02_mine_negatives" / "epqa_hard.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"qid", "query", "positives", "negatives"}
     index_metrics = json.loads((tiny_run / "05_index" / "metrics.json").read_text())
     assert index_metrics["datasets"]["epqa"]["questions"] == 40
     for name in ("retrieval_epqa.png", "retrieval_epqa.pdf"):
@@ -59,6 +64,7 @@ def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeyp
     monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
     assert run.main(["--resume", tiny_run.name]) == 0
     out = capsys.readouterr().out
+    assert "02_mine_negatives: complete and verified; skipped" in out
     assert "05_index: complete and verified; skipped" in out and "06_evaluate: complete and verified" in out
     table = tiny_run / "06_evaluate" / "tables" / "retrieval_epqa.md"
     table.write_text("tampered")

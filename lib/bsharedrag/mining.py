@@ -108,3 +108,13 @@ def load_groups(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no training groups at {path}; run 02_mine_negatives first")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarise(report: pd.DataFrame, groups: list[dict], queries: pd.DataFrame) -> dict:
+    """What was mined for one data set, as numbers for metrics.json."""
+    mined = report["negatives"].sum()
+    return {"questions": len(queries), "groups": len(groups), "negatives_per_group": float(report["negatives"].mean()),
+            "filled_share": float(report["filled"].sum() / max(1, mined)),
+            "own_judged_share": float(report["from_own_judged_set"].sum() / max(1, mined)),
+            "positive_score_mean": float(report["positive_score"].mean()),
+            "negative_score_mean": float(report["negative_score_mean"].mean())}

@@ -53,3 +53,19 @@ def save_table(table: pd.DataFrame, stem: str | Path, caption: str = "", digits:
     tex = table.to_latex(float_format=lambda v: f"{v:.{digits}f}", caption=caption or None)
     return [atomic_write_text(stem.with_suffix(".md"), (f"{caption}\n\n" if caption else "") + md + "\n"),
             atomic_write_text(stem.with_suffix(".tex"), tex)]
+
+
+def mining_figure(report: pd.DataFrame, title: str) -> plt.Figure:
+    """Negatives kept per question, and the retriever's score of each question's positive against its negatives."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    counts = report["negatives"].value_counts().sort_index()
+    left.bar(counts.index.astype(str), counts.values)
+    left.set_xlabel("hard negatives kept")
+    left.set_ylabel("questions")
+    right.hist(report["positive_score"], bins=30, alpha=0.6, label="best positive")
+    right.hist(report["negative_score_mean"].dropna(), bins=30, alpha=0.6, label="mean of its negatives")
+    right.set_xlabel("retriever score")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

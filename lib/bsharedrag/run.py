@@ -40,9 +40,6 @@ def plan(cfg: dict, only: list[str] | None) -> list[tuple[str, Path]]:
     """The notebooks to run, in order: those the config lists that exist here, filtered by --only prefixes."""
     have = available_notebooks()
     wanted = cfg["run"]["notebooks"]
-    for name in wanted:
-        if name not in have:
-            print(f"[run] {name}: not in this repository yet; skipped", flush=True)
     chosen = [(stem, have[stem]) for stem in have if stem in wanted]
     if only:
         bad = [o for o in only if not any(stem.startswith(o) for stem, _ in chosen)]
@@ -111,6 +108,9 @@ def prepare(cfg: dict, run_dir: Path, only: list[str] | None = None) -> tuple[li
 def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: bool = False) -> int:
     """Run the planned notebooks; stop at the first failure and print the executed notebook's path."""
     steps, params = prepare(cfg, run_dir, only)
+    for name in cfg["run"]["notebooks"]:
+        if name not in available_notebooks():
+            print(f"[run] {name}: not in this repository yet; skipped", flush=True)
     os.environ[BATCH_ENV] = "1"
     rerun_rest = False
     timings_path = run_dir / "timings.json"

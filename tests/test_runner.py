@@ -7,7 +7,7 @@ import yaml
 
 from bsharedrag import paths, run
 from bsharedrag.metrics import RETRIEVAL_METRICS
-from bsharedrag.systems import BASELINES
+from bsharedrag.systems import SYSTEMS
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_chain_writes_metrics_in_the_agreed_shape(tiny_run):
     metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
     assert set(metrics["retrieval"]) == {"epqa", "ecomeval"}
     for dataset, by_system in metrics["retrieval"].items():
-        assert set(by_system) == set(BASELINES)
+        assert set(by_system) == set(SYSTEMS)
         for system, values in by_system.items():
             assert set(RETRIEVAL_METRICS) <= set(values)
             assert all(0.0 <= values[m] <= 1.0 for m in RETRIEVAL_METRICS), (dataset, system)

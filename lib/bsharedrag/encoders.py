@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from peft import PeftModel
 
 from .backbone import Backbone, embed
 
@@ -14,7 +16,7 @@ MINILM = "all-MiniLM-L6-v2"
 
 @dataclass
 class BackboneEncoder:
-    """The backbone body, pooled; its `identity` goes into index manifests."""
+    """The backbone body, pooled, through adapter `adapter` (None: the bare backbone); `identity` goes into manifests."""
 
     backbone: Backbone
     pooling: str = "last"
@@ -22,22 +24,37 @@ class BackboneEncoder:
     passage_prefix: str = ""
     max_length: int = 512
     batch_size: int = 16
-    adapter: str | None = None
+    adapter: str | None = None  # the name the adapter is attached under
+    adapter_id: str | None = None  # what identifies its weights (name and hash), recorded in manifests
 
     @property
     def identity(self) -> dict:
         return {"encoder": "backbone", "backbone": self.backbone.name,
                 "backbone_fingerprint": self.backbone.fingerprint, "tokenizer": self.backbone.tokenizer_fingerprint,
-                "adapter": self.adapter, "pooling": self.pooling, "prefix": [self.query_prefix, self.passage_prefix],
+                "adapter": self.adapter_id, "pooling": self.pooling, "prefix": [self.query_prefix, self.passage_prefix],
                 "max_length": self.max_length}
 
+    def _active(self):
+        """The shared backbone with this encoder's adapter switched on, or with every adapter off."""
+        model = self.backbone.model
+        if not isinstance(model, PeftModel):
+            if self.adapter is not None:
+                raise ValueError(f"adapter {self.adapter!r} is not attached to the backbone")
+            return contextlib.nullcontext()
+        if self.adapter is None:
+            return model.disable_adapter()
+        model.set_adapter(self.adapter)
+        return contextlib.nullcontext()
+
     def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return embed(self.backbone, texts, (self.pooling,), self.query_prefix, self.max_length, self.batch_size,
-                     desc="queries")[self.pooling]
+        with self._active():
+            return embed(self.backbone, texts, (self.pooling,), self.query_prefix, self.max_length, self.batch_size,
+                         desc="queries")[self.pooling]
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
-        return embed(self.backbone, texts, (self.pooling,), self.passage_prefix, self.max_length, self.batch_size,
-                     desc="passages")[self.pooling]
+        with self._active():
+            return embed(self.backbone, texts, (self.pooling,), self.passage_prefix, self.max_length,
+                         self.batch_size, desc="passages")[self.pooling]
 
 
 @lru_cache(maxsize=2)

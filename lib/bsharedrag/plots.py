@@ -69,3 +69,20 @@ def mining_figure(report: pd.DataFrame, title: str) -> plt.Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def loss_curves(results: dict[str, dict], title: str = "retrieval adapter: InfoNCE loss") -> plt.Figure:
+    """Training loss per step (and a moving average) for each variant."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for variant, r in results.items():
+        losses = np.asarray(r["losses"])
+        window = max(1, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(losses, alpha=0.25)
+        ax.plot(np.arange(window - 1, len(losses)), smooth, label=variant, color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig

@@ -35,6 +35,7 @@ class RetrieverSettings:
     lora_alpha: int = 32
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
+    lora_layers: int = 0  # LoRA on the top N decoder layers only (backprop stops below them); 0 puts it on all
     temperature: float = 0.05
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
@@ -67,12 +68,21 @@ class PooledEncoder(torch.nn.Module):
 
 def add_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings) -> PeftModel:
     """Wrap the backbone with a fresh LoRA named `retrieval` (the base weights stay frozen)."""
+    if isinstance(backbone.model, PeftModel):
+        raise ValueError("the backbone already carries adapters; load a fresh backbone to train a new retrieval adapter")
+    n_layers = backbone.model.config.get_text_config().num_hidden_layers
+    top = list(range(max(0, n_layers - settings.lora_layers), n_layers)) if settings.lora_layers else None
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                        target_modules=list(settings.target_modules), bias="none")
+                        target_modules=list(settings.target_modules), bias="none", layers_to_transform=top,
+                        layers_pattern="layers" if top else None)
     torch.manual_seed(settings.seed)
     model = get_peft_model(backbone.model, config, adapter_name=RETRIEVAL_ADAPTER)
     backbone.model = model
     return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def infonce_loss(queries: torch.Tensor, passages: torch.Tensor, temperature: float, group_size: int) -> torch.Tensor:
@@ -234,8 +244,8 @@ def save_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings, targ
     return Path(target)
 
 
-def attach_retrieval_adapter(backbone: Backbone, adapter_dir: str | Path) -> RetrieverSettings:
-    """Attach a saved retrieval LoRA to `backbone` by name, refusing one trained on another backbone."""
+def attach_retrieval_adapter(backbone: Backbone, adapter_dir: str | Path, name: str = RETRIEVAL_ADAPTER) -> RetrieverSettings:
+    """Attach a saved retrieval LoRA to `backbone` as adapter `name` and activate it; refuses one of another backbone."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / META).is_file():
         raise FileNotFoundError(f"no retrieval adapter at {adapter_dir} ({META} missing); train one with 03_retriever")
@@ -247,11 +257,57 @@ def attach_retrieval_adapter(backbone: Backbone, adapter_dir: str | Path) -> Ret
             f"load that backbone or retrain the adapter with 03_retriever"
         )
     if isinstance(backbone.model, PeftModel):
-        if RETRIEVAL_ADAPTER in backbone.model.peft_config:
-            backbone.model.delete_adapter(RETRIEVAL_ADAPTER)
-        backbone.model.load_adapter(str(adapter_dir), adapter_name=RETRIEVAL_ADAPTER)
+        if name in backbone.model.peft_config:
+            backbone.model.delete_adapter(name)
+        backbone.model.load_adapter(str(adapter_dir), adapter_name=name)
     else:
-        backbone.model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), adapter_name=RETRIEVAL_ADAPTER)
-    backbone.model.set_adapter(RETRIEVAL_ADAPTER)
+        backbone.model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), adapter_name=name)
+    backbone.model.set_adapter(name)
     backbone.model.eval()
     return RetrieverSettings(**meta["settings"])
+
+
+def make_validator(backbone: Backbone, sets: dict, settings: RetrieverSettings, passage_format: str,
+                   distractors: int = 500, seed: int = 0):
+    """A `validate(step)` for training: dev questions of each set against their judged documents plus distractors."""
+    from .backbone import embed
+    from .metrics import evaluate_retrieval
+
+    probes = {}
+    for name, ds in sets.items():
+        dev = ds.split("dev")
+        judged = {d for q in dev["qid"] for d in ds.qrels.get(q, {})}
+        others = ds.corpus[~ds.corpus["doc_id"].isin(judged)]
+        extra = others.sample(n=min(distractors, len(others)), random_state=seed)["doc_id"]
+        keep = ds.corpus[ds.corpus["doc_id"].isin(judged | set(extra))]
+        texts = [passage_format.format(title=t, text=x) for t, x in zip(keep["title"], keep["text"])]
+        probes[name] = (dev, list(keep["doc_id"]), texts, ds.qrels)
+
+    def validate(step: int) -> dict:
+        out = {}
+        for name, (dev, doc_ids, texts, qrels) in probes.items():
+            q = embed(backbone, list(dev["text"]), (settings.pooling,), settings.query_prefix,
+                      settings.query_max_length, desc=f"dev {name} queries")[settings.pooling]
+            p = embed(backbone, texts, (settings.pooling,), settings.passage_prefix, settings.passage_max_length,
+                      desc=f"dev {name} passages")[settings.pooling]
+            top = np.argsort(-(q @ p.T), axis=1)[:, :10]
+            ranking = {qid: [doc_ids[j] for j in row] for qid, row in zip(dev["qid"], top)}
+            scores = evaluate_retrieval(ranking, qrels)
+            out[f"{name}_ndcg@5"], out[f"{name}_hit@3"] = scores["ndcg@5"], scores["hit@3"]
+        return out
+
+    return validate
+
+
+def train_variant(backbone: Backbone, groups: list[dict], doc_text: dict[str, str], settings: RetrieverSettings,
+                  step_dir: str | Path, variant: str, validate=None, validate_every: int = 0) -> dict:
+    """Train one retrieval adapter (resuming from its checkpoint) and save it to step_dir/adapters/<variant>."""
+    step_dir = Path(step_dir)
+    out = train_retrieval_adapter(backbone, groups, doc_text, settings, step_dir / "checkpoints" / variant,
+                                  validate, validate_every)
+    trainable = trainable_parameters(backbone.model)
+    save_retrieval_adapter(backbone, settings, step_dir / "adapters" / variant,
+                           {"variant": variant, "train_groups": len(groups), "trainable_parameters": trainable})
+    return {"steps": len(out["losses"]), "final_loss": float(np.mean(out["losses"][-10:])),
+            "seconds_this_session": out["seconds"], "trainable_parameters": trainable,
+            "train_groups": len(groups), "losses": out["losses"], "validation": out["validation"]}

@@ -15,8 +15,11 @@ from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
 from .index import build_dense_index, check_queries, load_dense_index, search_dense
+from .retriever import adapter_identity, attach_retrieval_adapter
 
 BASELINES = ("bm25", "minilm", "backbone_last", "backbone_mean")
+ADAPTED = {"bsharedrag": "hard", "bsharedrag_random_negatives": "random"}  # system -> adapter trained by 03
+SYSTEMS = BASELINES + tuple(ADAPTED)
 
 
 @dataclass
@@ -29,12 +32,13 @@ class EncodeSettings:
     batch_size: int = 16
     passage_format: str = "{title}: {text}"
     index_factory: str = "Flat"
+    adapter_root: str = ""  # 03_retriever/adapters of the run, for the adapted systems
 
 
 def check_systems(systems: list[str]) -> None:
-    unknown = [s for s in systems if s not in BASELINES]
+    unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
-        raise ValueError(f"unknown retrieval system(s) {unknown}; known: {', '.join(BASELINES)}")
+        raise ValueError(f"unknown retrieval system(s) {unknown}; known: {', '.join(SYSTEMS)}")
 
 
 def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
@@ -42,6 +46,14 @@ def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
         return MiniLMEncoder()
     if backbone is None:
         raise ValueError(f"system {system!r} needs a loaded backbone")
+    if system in ADAPTED:
+        if not s.adapter_root:
+            raise ValueError(f"system {system!r} needs the adapters of 03_retriever (EncodeSettings.adapter_root)")
+        folder = Path(s.adapter_root) / ADAPTED[system]
+        trained = attach_retrieval_adapter(backbone, folder, name=system)
+        # Pooling and prefixes are the ones the adapter was trained with.
+        return BackboneEncoder(backbone, trained.pooling, trained.query_prefix, trained.passage_prefix, s.max_length,
+                               s.batch_size, adapter=system, adapter_id=adapter_identity(folder))
     return BackboneEncoder(backbone, system.split("_", 1)[1], s.query_prefix, s.passage_prefix, s.max_length,
                            s.batch_size)
 
@@ -73,14 +85,21 @@ def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path,
     if poolings:
         start = time.perf_counter()
         # One forward pass over the corpus serves every pooling.
-        vectors = embed(backbone, passages, poolings, settings.passage_prefix, settings.max_length,
-                        settings.batch_size, desc=f"{ds.name} passages")
+        with BackboneEncoder(backbone)._active():
+            vectors = embed(backbone, passages, poolings, settings.passage_prefix, settings.max_length,
+                            settings.batch_size, desc=f"{ds.name} passages")
         seconds = (time.perf_counter() - start) / len(poolings)
         for pooling in poolings:
             enc = _encoder(f"backbone_{pooling}", backbone, settings)
             build_dense_index(vectors[pooling], doc_ids, {**enc.identity, "corpus_hash": chash},
                               Path(out_dir) / ds.name / f"backbone_{pooling}", settings.index_factory)
             rows.append({"system": f"backbone_{pooling}", "docs": len(doc_ids), "seconds": seconds})
+    for system in [s for s in systems if s in ADAPTED]:
+        start = time.perf_counter()
+        enc = _encoder(system, backbone, settings)
+        build_dense_index(enc.encode_passages(passages), doc_ids, {**enc.identity, "corpus_hash": chash},
+                          Path(out_dir) / ds.name / system, settings.index_factory)
+        rows.append({"system": system, "docs": len(doc_ids), "seconds": time.perf_counter() - start})
     return pd.DataFrame(rows)
 
 

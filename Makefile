@@ -32,3 +32,7 @@ test: data backbone
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Encoding throughput against the measured matmul limits and sentence-transformers; RUN=outputs/<run_id> uses its adapter.
+bench: backbone
+	$(PY) -m bsharedrag.bench $(if $(RUN),--run $(RUN))

@@ -25,3 +25,21 @@ def small_ecomeval():
     from bsharedrag.data import load_dataset
 
     return load_dataset("ecomeval", seed=0, max_questions=30)
+
+
+TALLY: dict[str, int] = {}
+
+
+@pytest.fixture
+def tally():
+    """tally("bad inputs tried") counts what the reliability tests exercised; the totals close the test output."""
+
+    def add(what: str, n: int = 1) -> None:
+        TALLY[what] = TALLY.get(what, 0) + n
+
+    return add
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TALLY:
+        terminalreporter.write_line("reliability: " + ", ".join(f"{k}: {v}" for k, v in sorted(TALLY.items())))

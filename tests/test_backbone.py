@@ -48,13 +48,15 @@ def test_lm_head_is_never_computed_when_embedding(tiny_backbone):
     assert calls == []
 
 
-def test_overlong_text_is_truncated_with_a_warning(tiny_backbone):
+def test_overlong_text_is_truncated_with_a_warning(tiny_backbone, tally):
+    tally("bad inputs tried")
     with pytest.warns(UserWarning, match="1 of 2 texts .* truncated to 16 tokens"):
         out = embed(tiny_backbone, ["short", "word " * 100], max_length=16)
     assert np.isfinite(out["last"]).all()
 
 
-def test_unknown_pooling_is_refused(tiny_backbone):
+def test_unknown_pooling_is_refused(tiny_backbone, tally):
+    tally("bad inputs tried")
     with pytest.raises(ValueError, match="unknown pooling 'cls'"):
         embed(tiny_backbone, ["x"], ("cls",))
 

@@ -24,7 +24,8 @@ def test_layers_resolve_base_then_scale_then_experiment(tmp_path):
     assert cfg["05_index"]["index_factory"] == "Flat"  # base
 
 
-def test_unknown_key_is_refused_with_the_closest_name(tmp_path):
+def test_unknown_key_is_refused_with_the_closest_name(tmp_path, tally):
+    tally("bad inputs tried")
     path = write(tmp_path, "bad.yaml", {"extends": str(paths.CONFIGS / "base.yaml"), "common": {"max_lenght": 3}})
     with pytest.raises(ConfigError, match=r"common\.max_lenght.*did you mean `max_length`"):
         load_config(path)
@@ -37,19 +38,22 @@ def test_unknown_key_is_refused_with_the_closest_name(tmp_path):
     ({"run": {"timeout_s": 0}}, "timeout_s"),
     ({"05_index": {"systems": "bm25"}}, "declares it as list"),
 ])
-def test_bad_values_are_refused_before_any_work(override, message):
+def test_bad_values_are_refused_before_any_work(override, message, tally):
+    tally("bad inputs tried")
     with pytest.raises(ConfigError, match=message):
         load_config("tiny.yaml", overrides=override)
 
 
-def test_extends_loop_is_reported(tmp_path):
+def test_extends_loop_is_reported(tmp_path, tally):
+    tally("bad inputs tried")
     write(tmp_path, "a.yaml", {"extends": "b.yaml"})
     write(tmp_path, "b.yaml", {"extends": "a.yaml"})
     with pytest.raises(ConfigError, match="loop"):
         load_config(tmp_path / "a.yaml")
 
 
-def test_notebook_parameter_unknown_to_the_notebook_names_notebook_and_closest():
+def test_notebook_parameter_unknown_to_the_notebook_names_notebook_and_closest(tally):
+    tally("bad inputs tried")
     cfg = load_config("tiny.yaml")
     cfg["06_evaluate"]["retrieval_dept"] = 5
     with pytest.raises(ConfigError, match=r"`retrieval_dept` in 06_evaluate; did you mean `retrieval_depth`"):

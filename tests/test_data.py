@@ -49,7 +49,8 @@ def _isolated(monkeypatch, tmp_path, mirror):
     monkeypatch.setenv(data.OFFLINE_ENV, "1")
 
 
-def test_wrong_sha256_names_the_file_and_the_fix(monkeypatch, tmp_path):
+def test_wrong_sha256_names_the_file_and_the_fix(monkeypatch, tmp_path, tally):
+    tally("bad inputs tried")
     mirror = tmp_path / "mirror"
     (mirror / "ecomeval").mkdir(parents=True)
     (mirror / "ecomeval" / "rag.json").write_text('{"instruction": "tampered", "answer": ""}\n')
@@ -58,13 +59,15 @@ def test_wrong_sha256_names_the_file_and_the_fix(monkeypatch, tmp_path):
         data.fetch("ecomeval")
 
 
-def test_missing_from_mirror_and_network_says_where_to_put_it(monkeypatch, tmp_path):
+def test_missing_from_mirror_and_network_says_where_to_put_it(monkeypatch, tmp_path, tally):
+    tally("bad inputs tried")
     _isolated(monkeypatch, tmp_path, tmp_path / "empty-mirror")
     with pytest.raises(DataError, match=r"neither .*raw/epqa/dev\.csv nor the mirror.*Put the file at"):
         data.fetch("epqa")
 
 
-def test_a_failed_download_is_reported_not_hung(monkeypatch, tmp_path):
+def test_a_failed_download_is_reported_not_hung(monkeypatch, tmp_path, tally):
+    tally("bad inputs tried")
     _isolated(monkeypatch, tmp_path, tmp_path / "empty-mirror")
     monkeypatch.delenv(data.OFFLINE_ENV)
     monkeypatch.setattr(data, "_download", lambda url, target, timeout=30.0: (_ for _ in ()).throw(OSError("no route")))
@@ -79,7 +82,8 @@ def test_data_raw_is_preferred_over_the_mirror(monkeypatch, tmp_path):
     assert data.fetch("ecomeval") == tmp_path / "raw" / "ecomeval" / "rag.json"
 
 
-def test_corrupted_json_line_names_file_and_line(tmp_path):
+def test_corrupted_json_line_names_file_and_line(tmp_path, tally):
+    tally("bad inputs tried")
     src = (paths.data_mirror() / "ecomeval" / "rag.json").read_text(encoding="utf-8").splitlines()
     broken = tmp_path / "rag.json"
     broken.write_text("\n".join(src[:3] + ['{"instruction": "cut off'] + src[3:6]), encoding="utf-8")
@@ -87,7 +91,8 @@ def test_corrupted_json_line_names_file_and_line(tmp_path):
         data.load_dataset("ecomeval", path=broken)
 
 
-def test_epqa_row_with_a_bad_label_names_the_row(tmp_path):
+def test_epqa_row_with_a_bad_label_names_the_row(tmp_path, tally):
+    tally("bad inputs tried")
     path = tmp_path / "dev.csv"
     path.write_text("qid,question,ASIN,candidate,source,qa_pair_id,title,label,answer\n"
                     "1,is it big?,A,yes it is,cqa,1,Box,2,yes\n"
@@ -96,13 +101,15 @@ def test_epqa_row_with_a_bad_label_names_the_row(tmp_path):
         data.load_dataset("epqa", path=path)
 
 
-def test_non_utf8_file_is_a_clear_error(tmp_path):
+def test_non_utf8_file_is_a_clear_error(tmp_path, tally):
+    tally("bad inputs tried")
     path = tmp_path / "rag.json"
     path.write_bytes(b'{"instruction": "\xff\xfe", "answer": "x"}\n')
     with pytest.raises(DataError, match=r"rag\.json:1: not UTF-8"):
         data.load_dataset("ecomeval", path=path)
 
 
-def test_unknown_data_set_lists_the_known_ones():
+def test_unknown_data_set_lists_the_known_ones(tally):
+    tally("bad inputs tried")
     with pytest.raises(DataError, match="known: epqa, ecomeval"):
         data.load_dataset("msmarco")

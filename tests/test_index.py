@@ -31,7 +31,8 @@ def test_dense_index_finds_each_vector_itself(tmp_path, factory):
     assert manifest["factory"] == factory and manifest["dim"] == 16 and manifest["count"] == 50
 
 
-def test_index_built_by_another_encoder_or_corpus_is_refused(tmp_path, tiny_backbone):
+def test_index_built_by_another_encoder_or_corpus_is_refused(tmp_path, tiny_backbone, tally):
+    tally("bad inputs tried")
     enc = BackboneEncoder(tiny_backbone, "last")
     build_dense_index(_vectors(dim=64), [f"d{i}" for i in range(50)], {**enc.identity, "corpus_hash": "h1"}, tmp_path / "i")
     other = BackboneEncoder(tiny_backbone, "mean")
@@ -43,13 +44,15 @@ def test_index_built_by_another_encoder_or_corpus_is_refused(tmp_path, tiny_back
         load_dense_index(tmp_path / "i", expected={**enc.identity, "adapter": "retrieval", "corpus_hash": "h1"})
 
 
-def test_duplicate_doc_ids_are_refused(tmp_path):
+def test_duplicate_doc_ids_are_refused(tmp_path, tally):
+    tally("bad inputs tried")
     with pytest.raises(ValueError, match="doc ids repeat"):
         build_dense_index(_vectors(3), ["a", "b", "a"], {}, tmp_path / "i")
 
 
 @pytest.mark.parametrize("queries, message", [([], "query list is empty"), (["ok", "  \n"], "query 1 is empty")])
-def test_empty_queries_are_refused(queries, message):
+def test_empty_queries_are_refused(queries, message, tally):
+    tally("bad inputs tried")
     with pytest.raises(ValueError, match=message):
         check_queries(queries)
 

@@ -1,7 +1,12 @@
 """The runner end to end at scale=tiny: the chain, its metrics.json, resume with verification, and failures."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import yaml
 
@@ -60,7 +65,7 @@ def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):
     assert evaluate_retrieval(ranking, ds.qrels) == pytest.approx(metrics["retrieval"]["epqa"]["bm25"])
 
 
-def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeypatch, capsys):
+def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeypatch, capsys, tally):
     monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
     assert run.main(["--resume", tiny_run.name]) == 0
     out = capsys.readouterr().out
@@ -72,6 +77,13 @@ def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeyp
     out = capsys.readouterr().out
     assert "06_evaluate: rerun (tables/retrieval_epqa.md changed since it was written)" in out
     assert table.read_text() != "tampered"
+    # A changed input upstream (here a file of 02) reruns the steps after it, even when --only skips 02 itself.
+    report = tiny_run / "02_mine_negatives" / "epqa_report.csv"
+    report.write_text(report.read_text() + "\n")
+    assert run.main(["--resume", tiny_run.name, "--only", "05,06"]) == 0
+    out = capsys.readouterr().out
+    assert "05_index: rerun (its input 02_mine_negatives/epqa_report.csv changed since it ran)" in out
+    tally("runs resumed", 3)
 
 
 def test_unknown_notebook_parameter_stops_before_any_run_folder(tmp_path, monkeypatch, capsys):
@@ -95,3 +107,41 @@ def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path
     assert f"the failing cell is marked in {run_dir / '05_index.ipynb'}" in err
     assert "unknown retrieval system(s) ['splade']" in err
     assert not (run_dir / "06_evaluate.ipynb").exists()
+
+
+@pytest.mark.parametrize("marker", [
+    "03_retriever/checkpoints/hard/latest/state.pt",  # killed while training, after its first checkpoint
+    "05_index/indexes/epqa/bm25/manifest.json",  # killed while building the dense indexes
+])
+def test_sigkill_then_resume_ends_with_the_metrics_of_an_uninterrupted_run(tiny_run, tmp_path, marker, tally):
+    outputs = tmp_path / "outputs"
+    env = {**os.environ, "BSHAREDRAG_OUTPUTS": str(outputs)}
+    runner = subprocess.Popen([sys.executable, "-m", "bsharedrag.run", str(paths.CONFIGS / "tiny.yaml")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not list(outputs.glob(f"*/{marker}")):
+        assert runner.poll() is None, "the run ended before the fault could be injected"
+        assert time.monotonic() < deadline, f"{marker} never appeared"
+        time.sleep(0.05)
+    root = psutil.Process(runner.pid)
+    for proc in [root] + root.children(recursive=True):  # the runner and its kernel die at once, as in a crash
+        proc.kill()
+    runner.wait()
+    tally("faults injected")
+    (run_dir,) = outputs.iterdir()
+    assert not (run_dir / "06_evaluate" / "metrics.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "bsharedrag.run", "--resume", run_dir.name], env=env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    tally("runs resumed")
+    assert "02_mine_negatives: complete and verified; skipped" in resumed.stdout
+    if marker.startswith("03"):
+        assert "resumed retriever training at step 3" in (run_dir / "03_retriever.ipynb").read_text()
+    for name in ("03_retriever/adapters/hard/adapter_model.safetensors", "05_index/indexes/epqa/bsharedrag/index.faiss"):
+        assert (run_dir / name).is_file()
+    want = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
+    got = json.loads((run_dir / "06_evaluate" / "metrics.json").read_text())
+    for dataset, by_system in want["retrieval"].items():
+        for system, values in by_system.items():
+            assert got["retrieval"][dataset][system] == pytest.approx(values, rel=1e-5), (dataset, system)
+            tally("artefacts compared")

@@ -126,3 +126,13 @@ def set_search_parameters(index: faiss.Index, **params: float) -> faiss.Index:
     for name, value in params.items():
         space.set_index_parameter(index, name, value)
     return index
+
+
+def to_gpus(index: faiss.Index) -> faiss.Index:
+    """The index sharded over every visible GPU (faiss-gpu); unchanged where faiss sees no GPU."""
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if n_gpus == 0:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True  # each GPU holds 1/n of the vectors; results are merged
+    return faiss.index_cpu_to_all_gpus(index, co=options)

@@ -8,7 +8,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 NOTEBOOKS = REPO_ROOT / "notebooks"
-OUTPUTS = REPO_ROOT / "outputs"
+OUTPUTS = Path(os.environ.get("BSHAREDRAG_OUTPUTS") or REPO_ROOT / "outputs")  # runs; override to put them elsewhere
 DATA = REPO_ROOT / "data"
 DATA_RAW = DATA / "raw"
 SOURCES = DATA / "sources.yaml"

@@ -165,11 +165,12 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     return float(loss.detach())
 
 
-def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float]) -> None:
+def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float],
+                     history: list[dict]) -> None:
     with atomic_dir(path) as staging:
         torch.save({"adapter": get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "losses": losses}, staging / "state.pt")
+                    "step": step, "losses": losses, "history": history}, staging / "state.pt")
 
 
 def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: dict[str, str],
@@ -198,7 +199,7 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
         set_peft_model_state_dict(model, state["adapter"], adapter_name=RETRIEVAL_ADAPTER)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
+        start, losses, history = state["step"], state["losses"], state["history"]
         accelerator.print(f"resumed retriever training at step {start} from {latest}")
     global_size = settings.batch_size * accelerator.num_processes
     rank = accelerator.process_index
@@ -211,12 +212,12 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
-            _save_checkpoint(latest, model, optimizer, scheduler, done, losses)
         if validate is not None and validate_every and (done % validate_every == 0 or done == settings.steps):
             model.eval()
             history.append({"step": done, **validate(done)})
             model.train()
+        if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
+            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history)
     model.eval()
     return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
             "processes": accelerator.num_processes}
@@ -311,3 +312,57 @@ def train_variant(backbone: Backbone, groups: list[dict], doc_text: dict[str, st
     return {"steps": len(out["losses"]), "final_loss": float(np.mean(out["losses"][-10:])),
             "seconds_this_session": out["seconds"], "trainable_parameters": trainable,
             "train_groups": len(groups), "losses": out["losses"], "validation": out["validation"]}
+
+
+def settings_from_config(cfg: dict) -> RetrieverSettings:
+    """The retriever settings a resolved config asks for (its `03_retriever` section and the common prefixes)."""
+    section, common = cfg["03_retriever"], cfg["common"]
+    return RetrieverSettings(
+        lora_r=section["lora_r"], lora_alpha=section["lora_alpha"], lora_layers=section["lora_layers"],
+        temperature=section["temperature"], learning_rate=section["learning_rate"],
+        warmup_ratio=section["warmup_ratio"], steps=section["train_steps"], batch_size=section["train_batch_size"],
+        n_negatives=section["train_negatives"], chunk_size=section["chunk_size"],
+        query_max_length=section["query_max_length"], passage_max_length=section["passage_max_length"],
+        pooling=section["pooling"], query_prefix=common["query_prefix"], passage_prefix=common["passage_prefix"],
+        save_every=section["save_every"], seed=common["seed"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train a run's retrieval adapter outside the notebook, e.g. on several GPUs:
+
+    accelerate launch --multi_gpu --num_processes 8 -m bsharedrag.retriever --run outputs/RUN_ID --variant hard
+    """
+    import argparse
+
+    from .backbone import load_backbone
+    from .config import load_config
+    from .data import load_dataset
+    from .mining import load_groups
+
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.retriever", description=main.__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run folder whose 02_mine_negatives is complete")
+    parser.add_argument("--variant", choices=["hard", "random"], default="hard")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.run / "resolved.yaml")
+    common, settings = cfg["common"], settings_from_config(cfg)
+    sets = {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"])
+            for name in common["datasets"]}
+    doc_text = {d: p for ds in sets.values() for d, p in zip(ds.corpus["doc_id"], ds.passages(common["passage_format"]))}
+    groups = [g for name in sets for g in load_groups(args.run / "02_mine_negatives" / f"{name}_{args.variant}.jsonl")]
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    bb = load_backbone(common["backbone"], device=str(accelerator.device), compute_dtype=common["compute_dtype"],
+                       seed=common["seed"])
+    step_dir = args.run / "03_retriever"
+    out = train_retrieval_adapter(bb, groups, doc_text, settings, step_dir / "checkpoints" / args.variant,
+                                  accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_retrieval_adapter(bb, settings, step_dir / "adapters" / args.variant,
+                               {"variant": args.variant, "train_groups": len(groups),
+                                "trainable_parameters": trainable_parameters(bb.model)})
+        print(f"{args.variant}: {len(out['losses'])} steps on {out['processes']} process(es), "
+              f"final loss {np.mean(out['losses'][-10:]):.3f}; adapter in {step_dir / 'adapters' / args.variant}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,15 +53,29 @@ def _params_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _digests(folder: Path, prefix: str = "") -> dict[str, str]:
+    return {prefix + str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
+
+
+def _upstream(step_dir: Path) -> dict[str, str]:
+    """The files of the run's earlier steps (by number), which this step may have read."""
+    out: dict[str, str] = {}
+    for folder in sorted(step_dir.parent.glob("[0-9][0-9]_*")):
+        if folder.is_dir() and folder.name[:2] < step_dir.name[:2]:
+            out.update(_digests(folder, f"{folder.name}/"))
+    return out
+
+
 def mark_complete(step_dir: Path, params: dict) -> None:
-    """Record the sha256 of every file the step wrote, so a resume can verify it rather than trust its existence."""
-    files = {str(p.relative_to(step_dir)): sha256_file(p) for p in sorted(step_dir.rglob("*"))
-             if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
-    atomic_write_json(step_dir / COMPLETE, {"params": _params_hash(params), "files": files})
+    """Record the sha256 of every file the step wrote and of every earlier step's file it may have read, so that a
+    resume verifies the step rather than trusting that its files exist."""
+    atomic_write_json(step_dir / COMPLETE, {"params": _params_hash(params), "files": _digests(step_dir),
+                                            "upstream": _upstream(step_dir)})
 
 
 def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
-    """Whether the step's artefacts are all there and unchanged, and if not, why."""
+    """Whether the step's artefacts are all there and unchanged, and its inputs too; if not, why."""
     marker = step_dir / COMPLETE
     if not marker.is_file():
         return False, "never finished"
@@ -74,6 +88,10 @@ def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
             return False, f"{rel} is missing"
         if sha256_file(path) != digest:
             return False, f"{rel} changed since it was written"
+    now = _upstream(step_dir)
+    for rel, digest in record.get("upstream", {}).items():
+        if now.get(rel) != digest:
+            return False, f"its input {rel} changed since it ran"
     return True, "complete"
 
 
@@ -112,18 +130,16 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
         if name not in available_notebooks():
             print(f"[run] {name}: not in this repository yet; skipped", flush=True)
     os.environ[BATCH_ENV] = "1"
-    rerun_rest = False
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for stem, notebook in steps:
         step_dir = run_dir / stem
-        if resume and not rerun_rest:
+        if resume:  # after a rerun step, the next ones rerun if any file they may have read came out different
             done, why = is_complete(step_dir, params[stem])
             if done:
                 print(f"[run] {stem}: complete and verified; skipped", flush=True)
                 continue
             print(f"[run] {stem}: rerun ({why})", flush=True)
-        rerun_rest = True  # what follows a rerun step read its artefacts, so it reruns too
         step_dir.mkdir(parents=True, exist_ok=True)
         (step_dir / COMPLETE).unlink(missing_ok=True)
         executed = run_dir / f"{stem}.ipynb"

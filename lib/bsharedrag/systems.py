@@ -14,7 +14,7 @@ from .backbone import Backbone, embed
 from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
-from .index import build_dense_index, check_queries, load_dense_index, search_dense
+from .index import build_dense_index, check_queries, load_dense_index, search_dense, to_gpus
 from .retriever import adapter_identity, attach_retrieval_adapter
 
 BASELINES = ("bm25", "minilm", "backbone_last", "backbone_mean")
@@ -115,8 +115,8 @@ def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries:
         hits = search_bm25(index_dir, texts, k, corpus_hash=chash)
     else:
         enc = _encoder(system, backbone, settings)
-        index, doc_ids, _ = load_dense_index(index_dir, expected={**enc.identity, "corpus_hash": chash})
-        hits = search_dense(index, doc_ids, enc.encode_queries(texts), k)
+        index, doc_of, _ = load_dense_index(index_dir, expected={**enc.identity, "corpus_hash": chash})
+        hits = search_dense(to_gpus(index), doc_of, enc.encode_queries(texts), k)
     return {qid: [doc for doc, _ in row] for qid, row in zip(queries["qid"], hits)}
 
 

@@ -1,0 +1,123 @@
+"""Encoding benchmark: backbone + retrieval adapter throughput against the machine's measured matmul limits and
+against sentence-transformers encoding the same model in the same run; query latency (encode + search).
+
+    python -m bsharedrag.bench [--run outputs/RUN_ID] [--docs 512] [--queries 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import paths
+from .artefacts import atomic_write_json
+from .backbone import DEFAULT_BACKBONE, embed, load_backbone, prepare_default_backbone, tokenize_for_embedding
+from .data import load_dataset
+from .devices import measure_matmul_tflops
+from .index import build_dense_index, load_dense_index, search_dense
+from .retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
+from .steps import versions
+
+
+def body_flops_per_token(model: torch.nn.Module, mean_tokens: float) -> float:
+    """2 x the body's matmul weights, plus attention scores and mixing (4 x layers x attention width x context)."""
+    config = model.config.get_text_config()
+    weights = sum(p.numel() for n, p in model.get_decoder().named_parameters()
+                  if p.dim() == 2 and "embed" not in n and "lora_" not in n)
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    return 2 * weights + 4 * config.num_hidden_layers * width * mean_tokens / 2  # causal: half the context on average
+
+
+def _sentence_transformer(folder: Path, adapter: Path, max_length: int):
+    from sentence_transformers import SentenceTransformer, models
+
+    body = models.Transformer(str(folder), max_seq_length=max_length)
+    pooling = models.Pooling(body.get_embedding_dimension(), pooling_mode="lasttoken")
+    st = SentenceTransformer(modules=[body, pooling, models.Normalize()], device="cpu")
+    st.load_adapter(str(adapter))
+    return st
+
+
+def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length: int = 128, batch_size: int = 32,
+                  seed: int = 0) -> dict:
+    figures: dict = {"versions": versions(), "torch_threads": torch.get_num_threads()}
+    figures["fp32_tflops"] = measure_matmul_tflops(torch.float32, "cpu", n=1024, seconds=2.0)
+    figures["bf16_tflops"] = measure_matmul_tflops(torch.bfloat16, "cpu", n=512, seconds=2.0)
+
+    ds = load_dataset("epqa", seed)
+    passages = [p for p in ds.passages()]
+    rng = np.random.default_rng(seed)
+    texts = [passages[i] for i in rng.choice(len(passages), n_docs, replace=False)]
+    bb = load_backbone(DEFAULT_BACKBONE)
+    adapter = run_dir / "03_retriever" / "adapters" / "hard" if run_dir else None
+    if adapter is not None and adapter.is_dir():
+        attach_retrieval_adapter(bb, adapter)
+    else:  # no trained adapter at hand: a fresh one costs the same to run
+        settings = RetrieverSettings()
+        add_retrieval_adapter(bb, settings)
+        adapter = paths.cache_dir() / "bench-adapter"
+        save_retrieval_adapter(bb, settings, adapter)
+    figures["adapter"] = str(adapter)
+    figures["compute_dtype"] = str(bb.dtype)
+    tokens = sum(len(r) for r in tokenize_for_embedding(bb.tokenizer, texts, max_length, warn=False))
+    flops = body_flops_per_token(bb.model, tokens / n_docs)
+    embed(bb, texts[:batch_size], max_length=max_length, batch_size=batch_size)  # warm-up
+    start = time.perf_counter()
+    ours = embed(bb, texts, max_length=max_length, batch_size=batch_size, desc="bench")["last"]
+    seconds = time.perf_counter() - start
+    figures.update({"docs": n_docs, "tokens": tokens, "gflops_per_token": flops / 1e9, "ours_seconds": seconds,
+                    "ours_tokens_per_s": tokens / seconds, "ours_tflops": tokens / seconds * flops / 1e12})
+    figures["ours_share_of_fp32_limit"] = figures["ours_tflops"] / figures["fp32_tflops"]
+    figures["ours_share_of_bf16_limit"] = figures["ours_tflops"] / figures["bf16_tflops"]
+
+    st = _sentence_transformer(prepare_default_backbone(), adapter, max_length)
+    st.encode(texts[:batch_size], batch_size=batch_size)
+    start = time.perf_counter()
+    st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+    st_seconds = time.perf_counter() - start
+    st_tokens = sum(min(len(x), max_length) for x in st.tokenizer(texts)["input_ids"])
+    figures.update({"st_seconds": st_seconds, "st_tokens_per_s": st_tokens / st_seconds,
+                    "ours_over_st_speed": (tokens / seconds) / (st_tokens / st_seconds)})
+
+    build_dense_index(ours, [f"d{i}" for i in range(n_docs)], {"encoder": "bench"}, paths.cache_dir() / "bench-index")
+    index, doc_of, _ = load_dense_index(paths.cache_dir() / "bench-index")
+    latencies = []
+    for q in list(ds.split("test")["text"])[:n_queries]:
+        start = time.perf_counter()
+        search_dense(index, doc_of, embed(bb, [q], max_length=max_length, desc="query")["last"], 10)
+        latencies.append(time.perf_counter() - start)
+    figures.update({"query_latency_p50_ms": 1000 * float(np.percentile(latencies, 50)),
+                    "query_latency_p95_ms": 1000 * float(np.percentile(latencies, 95)), "queries": len(latencies)})
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, help="a run folder whose 03_retriever/adapters/hard to benchmark")
+    parser.add_argument("--docs", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=50)
+    args = parser.parse_args(argv)
+    figures = run_benchmark(args.run, args.docs, args.queries)
+    out = paths.OUTPUTS / "bench" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    atomic_write_json(out, figures)
+    print(f"matmul limit (measured now): fp32 {figures['fp32_tflops']:.3f} TFLOP/s, bf16 {figures['bf16_tflops']:.4f} TFLOP/s")
+    print(f"backbone body: {figures['gflops_per_token']:.3f} GFLOP/token; compute dtype {figures['compute_dtype']}")
+    print(f"ours (embed, {figures['docs']} ePQA passages, {figures['tokens']} tokens): "
+          f"{figures['ours_tokens_per_s']:.0f} tokens/s = {figures['ours_tflops']:.3f} TFLOP/s = "
+          f"{100 * figures['ours_share_of_fp32_limit']:.0f}% of the fp32 limit, "
+          f"{100 * figures['ours_share_of_bf16_limit']:.0f}% of the bf16 limit")
+    print(f"sentence-transformers, same model + adapter: {figures['st_tokens_per_s']:.0f} tokens/s; "
+          f"ours / theirs = {figures['ours_over_st_speed']:.2f}x")
+    print(f"query latency (encode + exact search over {figures['docs']} docs): "
+          f"p50 {figures['query_latency_p50_ms']:.0f} ms, p95 {figures['query_latency_p95_ms']:.0f} ms")
+    print(f"figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

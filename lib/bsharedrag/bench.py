@@ -7,7 +7,6 @@ against sentence-transformers encoding the same model in the same run; query lat
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -314,6 +314,15 @@ def train_variant(backbone: Backbone, groups: list[dict], doc_text: dict[str, st
             "train_groups": len(groups), "losses": out["losses"], "validation": out["validation"]}
 
 
+def training_data(sets: dict, mined_dir: str | Path, variant: str, passage_format: str) -> tuple[list[dict], dict[str, str]]:
+    """02's training groups of `variant` over all data sets, and the text of every document they may name."""
+    from .mining import load_groups
+
+    doc_text = {d: p for ds in sets.values() for d, p in zip(ds.corpus["doc_id"], ds.passages(passage_format))}
+    groups = [g for name in sets for g in load_groups(Path(mined_dir) / f"{name}_{variant}.jsonl")]
+    return groups, doc_text
+
+
 def settings_from_config(cfg: dict) -> RetrieverSettings:
     """The retriever settings a resolved config asks for (its `03_retriever` section and the common prefixes)."""
     section, common = cfg["03_retriever"], cfg["common"]
@@ -337,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import load_backbone
     from .config import load_config
     from .data import load_dataset
-    from .mining import load_groups
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.retriever", description=main.__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run folder whose 02_mine_negatives is complete")
@@ -347,8 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     common, settings = cfg["common"], settings_from_config(cfg)
     sets = {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"])
             for name in common["datasets"]}
-    doc_text = {d: p for ds in sets.values() for d, p in zip(ds.corpus["doc_id"], ds.passages(common["passage_format"]))}
-    groups = [g for name in sets for g in load_groups(args.run / "02_mine_negatives" / f"{name}_{args.variant}.jsonl")]
+    groups, doc_text = training_data(sets, args.run / "02_mine_negatives", args.variant, common["passage_format"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     bb = load_backbone(common["backbone"], device=str(accelerator.device), compute_dtype=common["compute_dtype"],
                        seed=common["seed"])

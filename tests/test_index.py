@@ -50,7 +50,8 @@ def test_duplicate_doc_ids_are_refused(tmp_path, tally):
         build_dense_index(_vectors(3), ["a", "b", "a"], {}, tmp_path / "i")
 
 
-@pytest.mark.parametrize("queries, message", [([], "query list is empty"), (["ok", "  \n"], "query 1 is empty")])
+@pytest.mark.parametrize("queries, message", [([], "query list is empty"), (["ok", "  \n"], "query 1 is empty"),
+                                               (["ok", b"\xff\xfe"], "query 1 is bytes, not text")])
 def test_empty_queries_are_refused(queries, message, tally):
     tally("bad inputs tried")
     with pytest.raises(ValueError, match=message):

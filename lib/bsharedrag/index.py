@@ -25,7 +25,9 @@ def check_queries(queries: list[str]) -> None:
     if len(queries) == 0:
         raise ValueError("the query list is empty: give at least one query (check the split and max_questions)")
     for i, q in enumerate(queries):
-        if not isinstance(q, str) or not q.strip():
+        if not isinstance(q, str):
+            raise ValueError(f"query {i} is {type(q).__name__}, not text ({q!r:.60}); decode it to str (UTF-8) first")
+        if not q.strip():
             raise ValueError(f"query {i} is empty or whitespace-only ({q!r}); drop it or give text to search for")
 
 

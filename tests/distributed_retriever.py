@@ -43,7 +43,7 @@ def main(out_path: str) -> None:
     # The gathered passages must be every process's passages, in process order.
     def encode(docs):
         rows = tokenize_for_embedding(bb.tokenizer, [doc_text[d] for d in docs], settings.passage_max_length)
-        ids, mask = pad_rows(rows, bb.tokenizer.pad_token_id, bb.tokenizer.padding_side)
+        ids, mask = pad_rows(bb.tokenizer, rows)
         return encoder(ids, mask)
     with torch.no_grad():
         own = encode([d for _, docs in mine for d in docs])

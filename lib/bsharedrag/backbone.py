@@ -136,9 +136,11 @@ def tokenize_for_embedding(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     return [row[: max_length - 1] + [eos] for row in ids]
 
 
-def pad_rows(batch: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(tokenizer: PreTrainedTokenizerBase, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as (input_ids, attention_mask), padded on the tokenizer's own side."""
+    side = tokenizer.padding_side or "right"
     width = max(len(row) for row in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
         span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
@@ -161,11 +163,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
-def pooled_forward(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
-                   poolings: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
-    """One batch of token rows through the body: an L2-normalised embedding per pooling (with grad if enabled)."""
-    input_ids, mask = pad_rows(rows, tokenizer.pad_token_id, tokenizer.padding_side or "right")
-    input_ids, mask = input_ids.to(device), mask.to(device)
+def body_pool(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+              poolings: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A padded batch through the body: an L2-normalised embedding per pooling (with grad if enabled)."""
     # Positions count real tokens only, so a text embeds the same whichever side and however much it is padded.
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     hidden = body_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
@@ -186,8 +186,8 @@ def embed(backbone: Backbone, texts: list[str], poolings: tuple[str, ...] = ("la
     with torch.inference_mode(), autocast(backbone.device, backbone.dtype):
         for start in progress(starts, total=len(starts), desc=desc):
             rows = order[start:start + batch_size]
-            pooled = pooled_forward(backbone.model, backbone.tokenizer, [ids[i] for i in rows], poolings,
-                                    backbone.device)
+            input_ids, mask = pad_rows(backbone.tokenizer, [ids[i] for i in rows])
+            pooled = body_pool(backbone.model, input_ids.to(backbone.device), mask.to(backbone.device), poolings)
             for p in poolings:
                 out[p][rows] = pooled[p].cpu().numpy()
     return out

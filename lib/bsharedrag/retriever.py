@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import get_linear_schedule_with_warmup
 
 from .artefacts import atomic_dir, atomic_write_json, sha256_file
-from .backbone import Backbone, pad_rows, body_of, pool, tokenize_for_embedding
+from .backbone import Backbone, body_pool, pad_rows, tokenize_for_embedding
 from .progress import progress
 
 RETRIEVAL_ADAPTER = "retrieval"
@@ -60,10 +60,7 @@ class PooledEncoder(torch.nn.Module):
         self.model, self.pooling = model, pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        hidden = body_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        return body_pool(self.model, input_ids, attention_mask, (self.pooling,))[self.pooling]
 
 
 def add_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings) -> PeftModel:
@@ -124,7 +121,7 @@ def global_batch(groups: list[dict], step: int, global_size: int, n_negatives: i
 
 
 def _encode(encoder, tokenizer, rows: list[list[int]], device) -> torch.Tensor:
-    ids, mask = pad_rows(rows, tokenizer.pad_token_id, tokenizer.padding_side or "right")
+    ids, mask = pad_rows(tokenizer, rows)
     return encoder(ids.to(device), mask.to(device))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from peft import PeftModel
 
 from .backbone import Backbone, embed
+from .embcache import encode_cached
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -26,6 +27,7 @@ class BackboneEncoder:
     batch_size: int = 16
     adapter: str | None = None  # the name the adapter is attached under
     adapter_id: str | None = None  # what identifies its weights (name and hash), recorded in manifests
+    cache_dir: str | None = None  # encoded passage shards are kept and reused here (see embcache)
 
     @property
     def identity(self) -> dict:
@@ -52,9 +54,12 @@ class BackboneEncoder:
                          desc="queries")[self.pooling]
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
-        with self._active():
-            return embed(self.backbone, texts, (self.pooling,), self.passage_prefix, self.max_length,
+        def encode(chunk: list[str]) -> np.ndarray:
+            return embed(self.backbone, chunk, (self.pooling,), self.passage_prefix, self.max_length,
                          self.batch_size, desc="passages")[self.pooling]
+
+        with self._active():
+            return encode_cached(encode, texts, {**self.identity, "kind": "passages"}, self.cache_dir)
 
 
 @lru_cache(maxsize=2)

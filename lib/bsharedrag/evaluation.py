@@ -1,12 +1,26 @@
-"""Evaluate retrieval systems on a split: rank, save the rankings, score them."""
+"""Evaluate on a split: retrieval systems (rank, save the rankings, score them) and generation systems (answer,
+save the answers, score them against the references)."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
-from .artefacts import atomic_write_json
+import pandas as pd
+
+from .artefacts import atomic_write_json, atomic_write_text
 from .backbone import Backbone
 from .data import RetrievalDataset
+from .generator import (
+    GENERATION_ADAPTER,
+    DecodeSettings,
+    GeneratorSettings,
+    answer_marker,
+    build_prompt,
+    generate,
+    gold_documents,
+)
 from .metrics import evaluate_retrieval
 from .systems import EncodeSettings, retrieve
 
@@ -24,3 +38,72 @@ def evaluate_retrieval_systems(sets: dict[str, RetrievalDataset], systems: list[
             atomic_write_json(Path(out_dir) / "runs" / name / f"{system}.json", ranking)
             results[name][system] = evaluate_retrieval(ranking, ds.qrels)
     return results
+
+
+GENERATION_SYSTEMS = ("closed_book", "base_rag", "bsharedrag", "bsharedrag_gold_docs")
+# system -> (adapter that answers, where its documents come from)
+GENERATION_SETUPS = {"closed_book": (GENERATION_ADAPTER, "none"), "base_rag": (None, "retrieved"),
+                     "bsharedrag": (GENERATION_ADAPTER, "retrieved"),
+                     "bsharedrag_gold_docs": (GENERATION_ADAPTER, "gold")}
+
+
+def check_generation_systems(systems: list[str]) -> None:
+    unknown = [s for s in systems if s not in GENERATION_SETUPS]
+    if unknown:
+        raise ValueError(f"unknown generation system(s) {unknown}; known: {', '.join(GENERATION_SYSTEMS)}")
+
+
+def generation_questions(ds: RetrievalDataset, n: int, seed: int, split: str = "test") -> pd.DataFrame:
+    """The `split` questions that have a reference answer; a seeded subsample of n of them if n > 0."""
+    queries = ds.split(split)
+    queries = queries[[bool([a for a in ds.answers.get(q, []) if a.strip()]) for q in queries["qid"]]]
+    if 0 < n < len(queries):
+        queries = queries.sample(n=n, random_state=seed).sort_index()
+    return queries.reset_index(drop=True)
+
+
+def evaluate_generation(sets: dict[str, RetrievalDataset], systems: list[str], rankings: dict[str, dict[str, list[str]]],
+                        backbone: Backbone, generator: GeneratorSettings, decode: dict[str, DecodeSettings],
+                        n_questions: int, passage_format: str, out_dir: str | Path, seed: int = 0) -> dict:
+    """{dataset: {system: {bleu3, rougeL, bertscore_f1, token_f1, n, ...}}} on the test questions with an answer.
+
+    `rankings[dataset][qid]` are the retriever's documents, best first; `decode[lang]` how answers are decoded.
+    Every answer is saved with its prompt's documents in out_dir/generations/<dataset>.jsonl.
+    """
+    from .genmetrics import default_bertscorer, generation_metrics
+
+    check_generation_systems(systems)
+    results: dict[str, dict] = {}
+    for name, ds in sets.items():
+        queries = generation_questions(ds, n_questions, seed)
+        text = dict(zip(ds.corpus["doc_id"], ds.passages(passage_format)))
+        references = [[a for a in ds.answers[q] if a.strip()] for q in queries["qid"]]
+        rows, results[name] = [], {}
+        for system in systems:
+            adapter, source = GENERATION_SETUPS[system]
+            docs = [[] if source == "none" else
+                    gold_documents(ds, q)[:generator.top_k] if source == "gold" else
+                    rankings[name][q][:generator.top_k] for q in queries["qid"]]
+            prompts = [build_prompt(question, [text[d] for d in found], ds.lang, generator, backbone.tokenizer)
+                       for question, found in zip(queries["text"], docs)]
+            start = time.perf_counter()
+            answers = generate(backbone, prompts, decode[ds.lang], adapter, stop=answer_marker(generator, ds.lang))
+            seconds = time.perf_counter() - start
+            scores = generation_metrics(answers, references, ds.lang, default_bertscorer(ds.lang))
+            results[name][system] = {**scores, "seconds_per_question": seconds / max(len(prompts), 1)}
+            rows += [{"qid": q, "question": question, "system": system, "documents": found, "answer": answer,
+                      "references": refs}
+                     for q, question, found, answer, refs in zip(queries["qid"], queries["text"], docs, answers,
+                                                                 references)]
+        atomic_write_text(Path(out_dir) / "generations" / f"{name}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return results
+
+
+def side_by_side(generations_file: str | Path, n: int = 3, seed: int = 0) -> pd.DataFrame:
+    """A few questions with every system's answer next to the reference (from a saved generations file)."""
+    rows = [json.loads(line) for line in Path(generations_file).read_text(encoding="utf-8").splitlines() if line]
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index=["qid", "question"], columns="system", values="answer", aggfunc="first")
+    table["reference"] = [next(r["references"][0] for r in rows if r["qid"] == qid) for qid, _ in table.index]
+    return table.sample(n=min(n, len(table)), random_state=seed).reset_index(level=0, drop=True)

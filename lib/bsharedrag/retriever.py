@@ -7,7 +7,6 @@ is scored against the whole global batch, and GradCache splits a batch larger th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,8 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import get_linear_schedule_with_warmup
 
-from .artefacts import atomic_dir, atomic_write_json, sha256_file
+from . import adapters
+from .artefacts import atomic_dir
 from .backbone import Backbone, body_pool, pad_rows, tokenize_for_embedding
 from .progress import progress
 
@@ -222,46 +222,17 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
 
 def adapter_identity(adapter_dir: str | Path) -> str:
     """`retrieval:<sha256 of the adapter weights>`: what index manifests record as the adapter."""
-    return f"{RETRIEVAL_ADAPTER}:{sha256_file(Path(adapter_dir) / 'adapter_model.safetensors')[:16]}"
+    return adapters.adapter_identity(adapter_dir, RETRIEVAL_ADAPTER)
 
 
 def save_retrieval_adapter(backbone: Backbone, settings: RetrieverSettings, target: str | Path, extra: dict | None = None) -> Path:
     """Save the LoRA alone (a few MB) with retriever.json: its settings and the backbone it was trained on."""
-    model = backbone.model
-    with atomic_dir(target) as staging:
-        model.save_pretrained(str(staging), selected_adapters=[RETRIEVAL_ADAPTER])
-        saved = staging / RETRIEVAL_ADAPTER if (staging / RETRIEVAL_ADAPTER).is_dir() else staging
-        for item in saved.iterdir():
-            if saved != staging:
-                item.rename(staging / item.name)
-        if saved != staging:
-            saved.rmdir()
-        atomic_write_json(staging / META, {"settings": asdict(settings), "backbone": backbone.name,
-                                           "backbone_fingerprint": backbone.fingerprint,
-                                           "tokenizer": backbone.tokenizer_fingerprint, **(extra or {})})
-    return Path(target)
+    return adapters.save_adapter(backbone, RETRIEVAL_ADAPTER, target, META, {"settings": asdict(settings), **(extra or {})})
 
 
 def attach_retrieval_adapter(backbone: Backbone, adapter_dir: str | Path, name: str = RETRIEVAL_ADAPTER) -> RetrieverSettings:
     """Attach a saved retrieval LoRA to `backbone` as adapter `name` and activate it; refuses one of another backbone."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / META).is_file():
-        raise FileNotFoundError(f"no retrieval adapter at {adapter_dir} ({META} missing); train one with 03_retriever")
-    meta = json.loads((adapter_dir / META).read_text())
-    if meta["backbone_fingerprint"] != backbone.fingerprint:
-        raise ValueError(
-            f"the adapter at {adapter_dir} was trained on backbone {meta['backbone']} (fingerprint "
-            f"{meta['backbone_fingerprint']}), but the loaded backbone is {backbone.name} ({backbone.fingerprint}); "
-            f"load that backbone or retrain the adapter with 03_retriever"
-        )
-    if isinstance(backbone.model, PeftModel):
-        if name in backbone.model.peft_config:
-            backbone.model.delete_adapter(name)
-        backbone.model.load_adapter(str(adapter_dir), adapter_name=name)
-    else:
-        backbone.model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), adapter_name=name)
-    backbone.model.set_adapter(name)
-    backbone.model.eval()
+    meta = adapters.attach_adapter(backbone, adapter_dir, name, META, "03_retriever")
     return RetrieverSettings(**meta["settings"])
 
 

@@ -33,6 +33,7 @@ class EncodeSettings:
     passage_format: str = "{title}: {text}"
     index_factory: str = "Flat"
     adapter_root: str = ""  # 03_retriever/adapters of the run, for the adapted systems
+    cache_dir: str = ""  # encoded passage shards of adapted systems are kept here and reused (by a resume, by 05)
 
 
 def check_systems(systems: list[str]) -> None:
@@ -53,7 +54,8 @@ def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
         trained = attach_retrieval_adapter(backbone, folder, name=system)
         # Pooling and prefixes are the ones the adapter was trained with.
         return BackboneEncoder(backbone, trained.pooling, trained.query_prefix, trained.passage_prefix, s.max_length,
-                               s.batch_size, adapter=system, adapter_id=adapter_identity(folder))
+                               s.batch_size, adapter=system, adapter_id=adapter_identity(folder),
+                               cache_dir=s.cache_dir or None)
     return BackboneEncoder(backbone, system.split("_", 1)[1], s.query_prefix, s.passage_prefix, s.max_length,
                            s.batch_size)
 

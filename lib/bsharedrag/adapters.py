@@ -1,0 +1,65 @@
+"""Named LoRA adapters on the one shared backbone: save one alone with its metadata, attach it by name, check it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft import PeftModel
+
+from .artefacts import atomic_dir, atomic_write_json, sha256_file
+from .backbone import Backbone
+
+
+def save_adapter(backbone: Backbone, name: str, target: str | Path, meta_file: str, meta: dict) -> Path:
+    """Save adapter `name` alone (a few MB) into `target` with `meta_file`: `meta` plus the backbone it was trained on."""
+    model = backbone.model
+    if not isinstance(model, PeftModel) or name not in model.peft_config:
+        raise ValueError(f"the backbone carries no adapter named {name!r}")
+    with atomic_dir(target) as staging:
+        model.save_pretrained(str(staging), selected_adapters=[name])
+        # peft writes a non-default adapter into a sub-folder of its name; keep one flat folder per adapter.
+        nested = staging / name
+        if nested.is_dir():
+            for item in nested.iterdir():
+                item.rename(staging / item.name)
+            nested.rmdir()
+        atomic_write_json(staging / meta_file, {**meta, "backbone": backbone.name,
+                                                "backbone_fingerprint": backbone.fingerprint,
+                                                "tokenizer": backbone.tokenizer_fingerprint})
+    return Path(target)
+
+
+def read_meta(adapter_dir: str | Path, meta_file: str, made_by: str) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / meta_file).is_file():
+        raise FileNotFoundError(f"no adapter at {adapter_dir} ({meta_file} missing); train one with {made_by}")
+    return json.loads((adapter_dir / meta_file).read_text())
+
+
+def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_file: str, made_by: str) -> dict:
+    """Attach a saved adapter to `backbone` under `name` (replacing one of that name) and make it the active one.
+
+    Refuses an adapter trained on another backbone; returns its metadata.
+    """
+    meta = read_meta(adapter_dir, meta_file, made_by)
+    if meta["backbone_fingerprint"] != backbone.fingerprint:
+        raise ValueError(
+            f"the adapter at {adapter_dir} was trained on backbone {meta['backbone']} (fingerprint "
+            f"{meta['backbone_fingerprint']}), but the loaded backbone is {backbone.name} ({backbone.fingerprint}); "
+            f"load that backbone or retrain the adapter with {made_by}"
+        )
+    if isinstance(backbone.model, PeftModel):
+        if name in backbone.model.peft_config:
+            backbone.model.delete_adapter(name)
+        backbone.model.load_adapter(str(adapter_dir), adapter_name=name)
+    else:
+        backbone.model = PeftModel.from_pretrained(backbone.model, str(adapter_dir), adapter_name=name)
+    backbone.model.set_adapter(name)
+    backbone.model.eval()
+    return meta
+
+
+def adapter_identity(adapter_dir: str | Path, kind: str) -> str:
+    """`<kind>:<sha256 of the adapter weights>`: what manifests record as the adapter."""
+    return f"{kind}:{sha256_file(Path(adapter_dir) / 'adapter_model.safetensors')[:16]}"

@@ -1,0 +1,239 @@
+"""The generation adapter: retrieval-augmented instruction tuning of a LoRA on the shared backbone (trl's SFTTrainer,
+loss on the answer only), prompts per language, and deterministic decoding."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from . import adapters
+from .backbone import Backbone
+from .data import RetrievalDataset
+from .devices import autocast
+from .lm import causal_lm_nll
+from .progress import progress
+
+GENERATION_ADAPTER = "generation"
+META = "generator.json"
+PROMPT_EN = "Answer the question using the documents.\n\n{documents}\n\nQuestion: {question}\nAnswer:"
+PROMPT_ZH = "请根据以下文档回答问题。\n\n{documents}\n\n问题：{question}\n回答："
+CLOSED_BOOK_DOCS = {"en": "(no documents)", "zh": "（无文档）"}
+
+
+@dataclass
+class GeneratorSettings:
+    """Every knob of generation-adapter training and decoding (04_generator declares each as a parameter)."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.1
+    steps: int = 100
+    batch_size: int = 4  # examples per process per step
+    top_k: int = 3  # documents in the prompt
+    include_gold: bool = True  # training prompts always hold the question's gold documents where the set has them
+    doc_max_tokens: int = 128  # each document is cut to this many tokens in the prompt
+    answer_max_tokens: int = 128  # training answers are cut to this many tokens
+    prompt_en: str = PROMPT_EN
+    prompt_zh: str = PROMPT_ZH
+    save_every: int = 0  # steps between resumable checkpoints; 0 saves none
+    seed: int = 0
+
+    def template(self, lang: str) -> str:
+        if lang not in ("en", "zh"):
+            raise ValueError(f"no prompt template for language {lang!r}; the data sets are en or zh")
+        return self.prompt_zh if lang == "zh" else self.prompt_en
+
+
+@dataclass
+class DecodeSettings:
+    """How answers are decoded: greedy by default (deterministic), sampling as an option."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+
+
+def gold_documents(ds: RetrievalDataset, qid: str) -> list[str]:
+    """The question's judged-relevant documents, best graded first."""
+    judged = ds.qrels.get(qid, {})
+    return [d for d, g in sorted(judged.items(), key=lambda kv: -kv[1]) if g > 0]
+
+
+def context_documents(ranked: list[str], gold: list[str], k: int) -> list[str]:
+    """The top-k retrieved documents; gold documents missing from them replace the lowest-ranked non-gold ones."""
+    chosen = list(ranked[:k])
+    for doc in [d for d in gold[:k] if d not in chosen]:
+        if len(chosen) < k:
+            chosen.append(doc)
+            continue
+        replaceable = [i for i, d in enumerate(chosen) if d not in gold]
+        chosen[replaceable[-1]] = doc
+    return chosen
+
+
+def cut_tokens(tokenizer, text: str, n: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= n else tokenizer.decode(ids[:n]).strip()
+
+
+def build_prompt(question: str, documents: list[str], lang: str, settings: GeneratorSettings, tokenizer) -> str:
+    """The prompt for `question` with `documents` (already formatted passages) numbered in it."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question {question!r} is empty; give text to answer")
+    shown = "\n".join(f"[{i + 1}] {cut_tokens(tokenizer, d, settings.doc_max_tokens)}" for i, d in enumerate(documents))
+    return settings.template(lang).format(documents=shown or CLOSED_BOOK_DOCS[lang], question=question.strip())
+
+
+def answer_marker(settings: GeneratorSettings, lang: str) -> str:
+    """Where the template starts a new question: decoded text is cut there (a base model may go on asking)."""
+    template = settings.template(lang)
+    return template[template.index("{documents}") + len("{documents}"):template.index("{question}")].strip()
+
+
+def training_examples(ds: RetrievalDataset, retrieved: dict[str, list[str]], settings: GeneratorSettings,
+                      tokenizer, passage_format: str) -> list[dict]:
+    """One (prompt, completion) per training question with an answer: its retrieved (and gold) documents -> answer."""
+    text = dict(zip(ds.corpus["doc_id"], ds.passages(passage_format)))
+    out = []
+    for qid, question in zip(ds.split("train")["qid"], ds.split("train")["text"]):
+        answers = [a for a in ds.answers.get(qid, []) if a.strip()]
+        if not answers:
+            continue
+        gold = gold_documents(ds, qid) if settings.include_gold else []
+        docs = context_documents(retrieved.get(qid, []), gold, settings.top_k)
+        completion = cut_tokens(tokenizer, answers[0].strip(), settings.answer_max_tokens)
+        out.append({"qid": qid, "dataset": ds.name,
+                    "prompt": build_prompt(question, [text[d] for d in docs], ds.lang, settings, tokenizer),
+                    "completion": (" " if ds.lang == "en" else "") + completion})
+    return out
+
+
+def add_generation_adapter(backbone: Backbone, settings: GeneratorSettings) -> PeftModel:
+    """Add a fresh LoRA named `generation` to the backbone (beside any adapter it carries); base weights stay frozen."""
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, bias="none",
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    torch.manual_seed(settings.seed)
+    if isinstance(backbone.model, PeftModel):
+        backbone.model.add_adapter(GENERATION_ADAPTER, config)
+        backbone.model.set_adapter(GENERATION_ADAPTER)
+    else:
+        backbone.model = get_peft_model(backbone.model, config, adapter_name=GENERATION_ADAPTER)
+    return backbone.model
+
+
+def _answer_only_trainer():
+    from trl import SFTTrainer
+
+    class AnswerOnlySFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss runs the LM head on the answer tokens only (lm.causal_lm_nll), never on the prompt."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            total, count = causal_lm_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            denominator = num_items_in_batch if num_items_in_batch is not None else count
+            loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, the count is global
+            return (loss, None) if return_outputs else loss
+
+    return AnswerOnlySFTTrainer
+
+
+def train_generation_adapter(backbone: Backbone, examples: list[dict], settings: GeneratorSettings,
+                             checkpoint_dir: str | Path) -> dict:
+    """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    if not examples:
+        raise ValueError("no training examples: no training question has a reference answer; check the data set")
+    model = add_generation_adapter(backbone, settings)
+    checkpoint_dir = Path(checkpoint_dir)
+    bf16 = backbone.dtype == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), weight_decay=0.0, logging_steps=1,
+        save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
+        save_total_limit=1, report_to=[], seed=settings.seed, data_seed=settings.seed, bf16=bf16,
+        fp16=backbone.dtype == torch.float16, use_cpu=backbone.device.type == "cpu", completion_only_loss=True,
+        max_length=None, dataloader_num_workers=0, disable_tqdm=False,
+    )
+    data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=backbone.tokenizer)
+    resume = any(checkpoint_dir.glob("checkpoint-*")) if settings.save_every else False
+    began = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    model.eval()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {"losses": losses, "seconds": time.perf_counter() - began, "resumed": resume,
+            "steps": trainer.state.global_step}
+
+
+def save_generation_adapter(backbone: Backbone, settings: GeneratorSettings, target: str | Path,
+                            extra: dict | None = None) -> Path:
+    """Save the generation LoRA alone with generator.json (its settings and the backbone it was trained on)."""
+    return adapters.save_adapter(backbone, GENERATION_ADAPTER, target, META, {"settings": asdict(settings), **(extra or {})})
+
+
+def attach_generation_adapter(backbone: Backbone, adapter_dir: str | Path,
+                              name: str = GENERATION_ADAPTER) -> GeneratorSettings:
+    """Attach a saved generation LoRA to `backbone` as adapter `name`; refuses one trained on another backbone."""
+    meta = adapters.attach_adapter(backbone, adapter_dir, name, META, "04_generator")
+    return GeneratorSettings(**meta["settings"])
+
+
+def active_adapter(backbone: Backbone, name: str | None):
+    """A context in which the shared backbone runs with adapter `name` only, or with none (name None)."""
+    model = backbone.model
+    if name is None:
+        return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+    if not isinstance(model, PeftModel) or name not in model.peft_config:
+        raise ValueError(f"adapter {name!r} is not attached to the backbone")
+    model.set_adapter(name)
+    return contextlib.nullcontext()
+
+
+def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, adapter: str | None = None,
+             stop: str = "") -> list[str]:
+    """Answers to `prompts` with adapter `adapter` (None: the bare backbone), batched by length, left-padded.
+
+    Greedy decoding gives the same answers on every run; with `decode.do_sample`, sampling is seeded per batch.
+    Text from `stop` on (the template's next-question marker) is cut.
+    """
+    tok = backbone.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = np.argsort([-len(row) for row in encoded], kind="stable")
+    out: list[str] = [""] * len(prompts)
+    starts = range(0, len(order), decode.batch_size)
+    model = backbone.model
+    try:
+        with active_adapter(backbone, adapter), torch.inference_mode(), autocast(backbone.device, backbone.dtype):
+            for b, start in enumerate(progress(starts, total=len(starts), desc=f"generate ({adapter or 'base'})")):
+                rows = order[start:start + decode.batch_size]
+                batch = tok.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(backbone.device)
+                sampling = {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p} \
+                    if decode.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+                if decode.do_sample:
+                    torch.manual_seed(decode.seed + b)
+                new = model.generate(**batch, max_new_tokens=decode.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                     **sampling)[:, batch["input_ids"].shape[1]:]
+                for i, row in zip(rows, new):
+                    text = tok.decode(row, skip_special_tokens=True)
+                    out[i] = (text.split(stop)[0] if stop else text).strip()
+    finally:
+        tok.padding_side = side
+    return out

@@ -1,0 +1,169 @@
+"""The generation adapter: prompts, training examples, answer-only SFT with trl, resume, and adapter switching on one
+shared backbone (never merged)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from bsharedrag.backbone import embed, load_backbone
+from bsharedrag.generator import (GENERATION_ADAPTER, DecodeSettings, GeneratorSettings, answer_marker,
+                                  attach_generation_adapter, build_prompt, context_documents, generate,
+                                  save_generation_adapter, train_generation_adapter, training_examples)
+from bsharedrag.lm import IGNORE, causal_lm_loss
+from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
+
+TINY = GeneratorSettings(steps=2, batch_size=2, lora_r=4, learning_rate=1e-3, doc_max_tokens=16, answer_max_tokens=12)
+
+
+def fresh():
+    return load_backbone("tiny-random-gemma3", compute_dtype="float32")
+
+
+def test_gold_documents_replace_the_lowest_ranked_retrieved_ones():
+    assert context_documents(["a", "b", "c", "d"], ["x"], 3) == ["a", "b", "x"]
+    assert context_documents(["a", "x", "c"], ["x", "y"], 3) == ["a", "x", "y"]
+    assert context_documents(["a", "b"], [], 3) == ["a", "b"]
+    assert context_documents(["a", "b", "x"], ["x", "y"], 3) == ["a", "y", "x"]
+    assert context_documents([], ["x"], 3) == ["x"]
+
+
+def test_prompts_per_language_and_an_empty_question_is_refused(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    en = build_prompt("Is it waterproof?", ["A: waterproof to 10 m", "B: " + "long " * 100], "en", TINY, tok)
+    assert en.startswith("Answer the question") and "[1] A: waterproof" in en and en.endswith("Answer:")
+    assert len(tok(en.split("[2] ")[1].split("\n")[0])["input_ids"]) <= TINY.doc_max_tokens + 1  # cut to length
+    zh = build_prompt("防水吗？", [], "zh", TINY, tok)
+    assert "问题：防水吗？" in zh and "（无文档）" in zh
+    assert answer_marker(TINY, "en") == "Question:" and answer_marker(TINY, "zh") == "问题："
+    with pytest.raises(ValueError, match="empty"):
+        build_prompt("   ", [], "en", TINY, tok)
+    with pytest.raises(ValueError, match="'fr'"):
+        build_prompt("q", [], "fr", TINY, tok)
+
+
+def test_training_examples_use_train_answers_only(small_ecomeval, tiny_backbone):
+    ds = small_ecomeval
+    retrieved = {q: list(ds.corpus["doc_id"][:3]) for q in ds.queries["qid"]}
+    examples = training_examples(ds, retrieved, TINY, tiny_backbone.tokenizer, "{title}: {text}")
+    train = set(ds.split("train")["qid"])
+    assert examples and {e["qid"] for e in examples} <= train
+    held_out = [a for q in ds.queries["qid"] if q not in train for a in ds.answers.get(q, [])]
+    assert not any(e["completion"].strip() in held_out for e in examples)
+    # gold documents are in every prompt (include_gold)
+    text = dict(zip(ds.corpus["doc_id"], ds.passages()))
+    e = examples[0]
+    gold = [d for d, g in ds.qrels[e["qid"]].items() if g > 0]
+    assert any(text[d][:20] in e["prompt"] for d in gold)
+
+
+class Crash(TrainerCallback):
+    """Stops training as a crash would, right after step `at` (whose checkpoint is saved)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.at:
+            raise KeyboardInterrupt("injected fault")
+
+
+def _lora(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_answer_only_loss_training_and_resume_equal_an_uninterrupted_run(small_ecomeval, tmp_path, monkeypatch, tally):
+    ds = small_ecomeval
+    examples = training_examples(ds, {}, TINY, fresh().tokenizer, "{title}: {text}")[:8]
+    settings = GeneratorSettings(**{**TINY.__dict__, "steps": 4, "save_every": 2})
+    whole = fresh()
+    out = train_generation_adapter(whole, examples, settings, tmp_path / "whole")
+    assert out["steps"] == 4 and len(out["losses"]) == 4 and not out["resumed"]
+
+    import bsharedrag.generator as generator
+
+    trainer_class = generator._answer_only_trainer()
+
+    def crashing():
+        class Crashing(trainer_class):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.add_callback(Crash(2))
+        return Crashing
+
+    broken = fresh()
+    monkeypatch.setattr(generator, "_answer_only_trainer", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_generation_adapter(broken, examples, settings, tmp_path / "killed")
+    tally("faults injected")
+    monkeypatch.undo()
+    resumed = fresh()
+    again = train_generation_adapter(resumed, examples, settings, tmp_path / "killed")
+    tally("runs resumed")
+    assert again["resumed"] and again["steps"] == 4
+    a, b = _lora(whole.model), _lora(resumed.model)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    tally("artefacts compared")
+
+
+def test_sft_masks_the_prompt_and_the_loss_is_the_models_own(small_epqa):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from bsharedrag.generator import _answer_only_trainer
+
+    bb = fresh()
+    examples = training_examples(small_epqa, {}, TINY, bb.tokenizer, "{title}: {text}")[:4]
+    from bsharedrag.generator import add_generation_adapter
+
+    model = add_generation_adapter(bb, TINY)
+    args = SFTConfig(output_dir="/tmp/unused-sft", use_cpu=True, report_to=[], completion_only_loss=True, max_length=None)
+    data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=bb.tokenizer)
+    row = trainer.train_dataset[0]
+    answer_ids = bb.tokenizer(examples[0]["completion"], add_special_tokens=False)["input_ids"]
+    targets = [t for t in row["labels"] if t != IGNORE]
+    assert targets[-1] == bb.tokenizer.eos_token_id and len(targets) <= len(answer_ids) + 2
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    ours = trainer.compute_loss(model, dict(batch))
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(ours) == pytest.approx(float(reference), rel=1e-4)
+    assert float(causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])) == pytest.approx(
+        float(reference), rel=1e-4)
+
+
+def test_adapters_switch_on_one_backbone_exactly_as_if_each_were_alone(small_ecomeval, tmp_path):
+    ds = small_ecomeval
+    tok = fresh().tokenizer
+    examples = training_examples(ds, {}, TINY, tok, "{title}: {text}")[:4]
+    gen_bb = fresh()
+    train_generation_adapter(gen_bb, examples, TINY, tmp_path / "ck")
+    save_generation_adapter(gen_bb, TINY, tmp_path / "generation")
+    ret_bb = fresh()
+    add_retrieval_adapter(ret_bb, RetrieverSettings(lora_r=4))
+    with torch.no_grad():  # a retrieval adapter that is not the identity
+        for name, p in ret_bb.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    save_retrieval_adapter(ret_bb, RetrieverSettings(lora_r=4), tmp_path / "retrieval")
+
+    prompts = [e["prompt"] for e in examples[:3]]
+    decode = DecodeSettings(max_new_tokens=5, batch_size=2)
+    alone_gen = generate(gen_bb, prompts, decode, GENERATION_ADAPTER)
+    alone_emb = embed(ret_bb, prompts)["last"]
+
+    shared = fresh()
+    attach_retrieval_adapter(shared, tmp_path / "retrieval", "retrieval")
+    attach_generation_adapter(shared, tmp_path / "generation")
+    for _ in range(2):  # back and forth: nothing is merged, nothing drifts
+        shared.model.set_adapter("retrieval")
+        assert np.allclose(embed(shared, prompts)["last"], alone_emb, atol=1e-5)
+        assert generate(shared, prompts, decode, GENERATION_ADAPTER) == alone_gen
+    base = generate(shared, prompts, decode, None)
+    assert base == generate(fresh(), prompts, decode, None)  # adapters off: the untouched backbone
+
+    other = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=1)
+    with pytest.raises(ValueError, match="trained on backbone"):
+        attach_generation_adapter(other, tmp_path / "generation")
+    with pytest.raises(FileNotFoundError, match="04_generator"):
+        attach_generation_adapter(other, tmp_path / "nowhere")

@@ -55,12 +55,25 @@ def test_extends_loop_is_reported(tmp_path, tally):
 def test_notebook_parameter_unknown_to_the_notebook_names_notebook_and_closest(tally):
     tally("bad inputs tried")
     cfg = load_config("tiny.yaml")
+    declared = {"seed", "systems"} | set(cfg["06_evaluate"])
     cfg["06_evaluate"]["retrieval_dept"] = 5
     with pytest.raises(ConfigError, match=r"`retrieval_dept` in 06_evaluate; did you mean `retrieval_depth`"):
-        notebook_parameters(cfg, "06_evaluate", {"retrieval_depth", "seed", "systems"}, "/tmp/run")
+        notebook_parameters(cfg, "06_evaluate", declared, "/tmp/run")
 
 
 def test_notebook_gets_only_the_common_keys_it_declares():
     cfg = load_config("tiny.yaml")
-    params = notebook_parameters(cfg, "06_evaluate", {"seed", "systems", "retrieval_depth"}, "/tmp/run")
+    params = notebook_parameters(cfg, "06_evaluate", {"seed", "systems"} | set(cfg["06_evaluate"]), "/tmp/run")
     assert params["run_dir"] == "/tmp/run" and params["seed"] == 0 and "backbone" not in params
+
+
+def test_paper_config_resolves_and_dry_runs_on_cpu(tmp_path, monkeypatch, capsys):
+    from bsharedrag import paths, run
+
+    monkeypatch.setattr(paths, "OUTPUTS", tmp_path)
+    assert run.main([str(paths.CONFIGS / "paper.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone Qwen/Qwen2.5-7B" in out and "nothing was run" in out
+    for step in ("01_pretrain", "03_retriever", "04_generator", "06_evaluate"):
+        assert f"[dry-run] {step}: " in out
+    assert list(tmp_path.iterdir()) == []  # no run folder, no weights loaded

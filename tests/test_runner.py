@@ -54,6 +54,46 @@ def test_chain_writes_metrics_in_the_agreed_shape(tiny_run):
     assert (tiny_run / "06_evaluate" / "tables" / "retrieval_ecomeval.tex").is_file()
 
 
+def test_chain_generation_metrics_and_the_ask_command(tiny_run):
+    from bsharedrag.evaluation import GENERATION_SYSTEMS
+    from bsharedrag.genmetrics import GENERATION_METRICS
+
+    metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
+    for dataset in ("epqa", "ecomeval"):
+        by_system = metrics["generation"][dataset]
+        assert set(by_system) == set(GENERATION_SYSTEMS)
+        for system, values in by_system.items():
+            assert all(0.0 <= values[m] <= 1.0 for m in GENERATION_METRICS), (dataset, system)
+            assert values["n"] == 3 and values["bertscore_model"]
+        rows = [json.loads(line) for line in
+                (tiny_run / "06_evaluate" / "generations" / f"{dataset}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * len(GENERATION_SYSTEMS)
+        ranking = json.loads((tiny_run / "06_evaluate" / "runs" / dataset / "bsharedrag.json").read_text())
+        for row in rows:  # each system saw the documents it is defined by
+            if row["system"] in ("base_rag", "bsharedrag"):
+                assert row["documents"] == ranking[row["qid"]][:len(row["documents"])] and row["documents"]
+            if row["system"] == "closed_book":
+                assert row["documents"] == []
+    assert (tiny_run / "04_generator" / "adapters" / "generation" / "adapter_model.safetensors").is_file()
+    assert (tiny_run / "06_evaluate" / "tables" / "generation_ecomeval.md").is_file()
+    asked = subprocess.run([sys.executable, "-m", "bsharedrag.cli", "ask", str(tiny_run), "is it waterproof?",
+                            "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert "documents used (epqa" in asked.stdout and "[3] " in asked.stdout and "adapter switches" in asked.stderr
+    empty = subprocess.run([sys.executable, "-m", "bsharedrag.cli", "ask", str(tiny_run), "  "],
+                           capture_output=True, text=True, timeout=300)
+    assert empty.returncode == 2 and "empty or whitespace-only" in empty.stderr
+
+
+def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
+    from bsharedrag.efficiency import compare
+
+    out = compare(tiny_run, n_questions=1, max_new_tokens=4)
+    assert out["same_answers"]  # greedy decoding: one shared backbone answers exactly like two separate ones
+    assert out["shared"]["switch_ms"] < 50 and out["shared"]["questions"] == 1
+    assert set(out["ratios"]) == {"peak_rss", "model_memory", "question_latency"}
+
+
 def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):
     from bsharedrag.data import load_dataset
     from bsharedrag.metrics import evaluate_retrieval
@@ -144,4 +184,11 @@ def test_sigkill_then_resume_ends_with_the_metrics_of_an_uninterrupted_run(tiny_
     for dataset, by_system in want["retrieval"].items():
         for system, values in by_system.items():
             assert got["retrieval"][dataset][system] == pytest.approx(values, rel=1e-5), (dataset, system)
+            tally("artefacts compared")
+    for dataset, by_system in want["generation"].items():
+        for system, values in by_system.items():
+            assert got["generation"][dataset][system] == pytest.approx(
+                {k: v for k, v in values.items() if k != "seconds_per_question"} | {
+                    "seconds_per_question": got["generation"][dataset][system]["seconds_per_question"]},
+                rel=1e-5), (dataset, system)
             tally("artefacts compared")

@@ -35,6 +35,7 @@ class GeneratorSettings:
     lora_alpha: int = 32
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
+    lora_layers: int = 0  # LoRA on the top N decoder layers only (backprop stops below them); 0 puts it on all
     learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
     steps: int = 100
@@ -123,8 +124,11 @@ def training_examples(ds: RetrievalDataset, retrieved: dict[str, list[str]], set
 
 def add_generation_adapter(backbone: Backbone, settings: GeneratorSettings) -> PeftModel:
     """Add a fresh LoRA named `generation` to the backbone (beside any adapter it carries); base weights stay frozen."""
+    n_layers = backbone.model.config.get_text_config().num_hidden_layers
+    top = list(range(max(0, n_layers - settings.lora_layers), n_layers)) if settings.lora_layers else None
     config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0, bias="none",
-                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+                        target_modules=list(settings.target_modules), task_type="CAUSAL_LM",
+                        layers_to_transform=top, layers_pattern="layers" if top else None)
     torch.manual_seed(settings.seed)
     if isinstance(backbone.model, PeftModel):
         backbone.model.add_adapter(GENERATION_ADAPTER, config)
@@ -170,6 +174,7 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
         save_total_limit=1, report_to=[], seed=settings.seed, data_seed=settings.seed, bf16=bf16,
         fp16=backbone.dtype == torch.float16, use_cpu=backbone.device.type == "cpu", completion_only_loss=True,
         max_length=None, dataloader_num_workers=0, disable_tqdm=False,
+        activation_checkpointing=False,  # recomputing the forward costs a third more time; memory is not short here
     )
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=backbone.tokenizer)

@@ -176,11 +176,28 @@ def start_run(config: str | Path, only: list[str] | None = None) -> tuple[dict, 
     return cfg, run_dir
 
 
+def dry_run(config: str | Path, only: list[str] | None = None) -> int:
+    """Everything a run checks before it starts (config, notebooks, their parameters, kernel), and the plan; no folder
+    is created and nothing is executed."""
+    cfg = load_config(config)
+    run_dir = paths.OUTPUTS / new_run_id(cfg["run"]["name"])
+    steps, params = prepare(cfg, run_dir, only)
+    print(f"[dry-run] {config}: resolved and checked; backbone {cfg['common']['backbone']}, "
+          f"data sets {cfg['common']['datasets']}, compute dtype {cfg['common']['compute_dtype']}")
+    for stem, _ in steps:
+        shown = {k: v for k, v in params[stem].items() if k != "run_dir"}
+        print(f"[dry-run] {stem}: {json.dumps(shown, ensure_ascii=False, default=str)}")
+    print(f"[dry-run] would write to {run_dir}; nothing was run")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.run", description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="a YAML under configs/ (extends base.yaml)")
     parser.add_argument("--only", help="comma-separated notebook prefixes to run, e.g. 05,06")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue outputs/RUN_ID: skip verified steps")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve and check the config, plan the notebooks and their parameters; run nothing")
     args = parser.parse_args(argv)
     only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
     try:
@@ -194,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return execute(cfg, run_dir, only, resume=True)
         if not args.config:
             parser.error("give a config (e.g. configs/demo.yaml) or --resume RUN_ID")
+        if args.dry_run:
+            return dry_run(args.config, only)
         cfg, run_dir = start_run(args.config, only)
         print(f"[run] run folder: {run_dir}", flush=True)
         return execute(cfg, run_dir, only)

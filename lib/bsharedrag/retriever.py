@@ -188,7 +188,8 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * settings.steps), settings.steps)
-    encoder, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
+    # The scheduler stays out of prepare(): accelerate would step it once per process, decaying N times too fast.
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
     start, losses, history = 0, [], []
     latest = Path(checkpoint_dir) / "latest" if checkpoint_dir else None
     if latest is not None and (latest / "state.pt").is_file():

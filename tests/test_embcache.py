@@ -1,0 +1,40 @@
+"""Encoded corpus shards are saved as they finish and reused by a later or resumed step; a damaged one is redone."""
+
+import numpy as np
+
+from bsharedrag import embcache
+from bsharedrag.embcache import encode_cached
+from bsharedrag.encoders import BackboneEncoder
+
+
+def test_shards_are_reused_and_a_damaged_one_is_encoded_again(tmp_path, monkeypatch, tally):
+    monkeypatch.setattr(embcache, "SHARD", 4)
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return np.array([[len(t), i] for i, t in enumerate(texts)], dtype=np.float32)
+
+    texts = [f"document {i}" for i in range(10)]
+    first, counts = encode_cached(encode, texts, {"encoder": "x"}, tmp_path), {}
+    assert calls == [4, 4, 2]
+    again = encode_cached(encode, texts, {"encoder": "x"}, tmp_path, counts)
+    assert calls == [4, 4, 2] and counts == {"reused": 3, "encoded": 0} and np.array_equal(first, again)
+    shard = sorted((tmp_path).rglob("*.npy"))[0]
+    shard.write_bytes(b"truncated")  # as a kill during a non-atomic write would leave it
+    tally("bad inputs tried")
+    counts = {}
+    redone = encode_cached(encode, texts, {"encoder": "x"}, tmp_path, counts)
+    assert counts == {"reused": 2, "encoded": 1} and np.array_equal(first, redone)
+    tally("artefacts compared")
+    encode_cached(encode, texts, {"encoder": "y"}, tmp_path)  # another encoder never reads these shards
+    assert calls[-3:] == [4, 4, 2]
+
+
+def test_backbone_encoder_reuses_its_passage_shards(tiny_backbone, tmp_path):
+    enc = BackboneEncoder(tiny_backbone, "mean", max_length=32, cache_dir=str(tmp_path))
+    texts = [f"passage number {i} about a phone" for i in range(7)]
+    first = enc.encode_passages(texts)
+    assert len(list(tmp_path.rglob("*.npy"))) == 1
+    assert np.allclose(enc.encode_passages(texts), first)
+    assert np.allclose(BackboneEncoder(tiny_backbone, "mean", max_length=32).encode_passages(texts), first, atol=1e-5)

@@ -63,3 +63,22 @@ def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_
 def adapter_identity(adapter_dir: str | Path, kind: str) -> str:
     """`<kind>:<sha256 of the adapter weights>`: what manifests record as the adapter."""
     return f"{kind}:{sha256_file(Path(adapter_dir) / 'adapter_model.safetensors')[:16]}"
+
+
+class AdapterSwitch:
+    """Makes one adapter of a PeftModel the active one by calling each tuner layer's own `set_adapter` over a list of
+    layers found once: what `PeftModel.set_adapter` does, without walking every module of the model at each switch
+    (on Gemma 270M that walk is most of a switch's cost)."""
+
+    def __init__(self, model: PeftModel):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def __call__(self, name: str) -> None:
+        if name not in self.model.peft_config:
+            raise ValueError(f"adapter {name!r} is not attached; attached: {', '.join(self.model.peft_config)}")
+        for layer in self.layers:
+            layer.set_adapter(name)
+        self.model.base_model.active_adapter = name

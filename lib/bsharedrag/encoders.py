@@ -45,7 +45,8 @@ class BackboneEncoder:
             return contextlib.nullcontext()
         if self.adapter is None:
             return model.disable_adapter()
-        model.set_adapter(self.adapter)
+        if model.active_adapter != self.adapter:
+            model.set_adapter(self.adapter)
         return contextlib.nullcontext()
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:

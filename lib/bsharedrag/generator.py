@@ -207,7 +207,8 @@ def active_adapter(backbone: Backbone, name: str | None):
         return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     if not isinstance(model, PeftModel) or name not in model.peft_config:
         raise ValueError(f"adapter {name!r} is not attached to the backbone")
-    model.set_adapter(name)
+    if model.active_adapter != name:
+        model.set_adapter(name)
     return contextlib.nullcontext()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import faiss
 
+from .adapters import AdapterSwitch
 from .backbone import Backbone, load_backbone
 from .config import load_config
 from .data import RetrievalDataset, load_dataset
@@ -53,6 +54,7 @@ class BSharedRAG:
     generation_backbone: Backbone | None = None  # only for the two-backbone comparison; None: the shared one
     switches: int = 0
     _text: dict[str, str] = field(default_factory=dict, repr=False)
+    _switches: dict[int, AdapterSwitch] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.generation_backbone = self.generation_backbone or self.backbone
@@ -97,7 +99,9 @@ class BSharedRAG:
     def switch(self, adapter: str) -> None:
         """Make `adapter` the active one (what each stage does first); counted, and cheap: no weights move."""
         side = self.backbone if adapter == RETRIEVAL_ADAPTER else self.generation_backbone
-        side.model.set_adapter(adapter)
+        if id(side.model) not in self._switches:
+            self._switches[id(side.model)] = AdapterSwitch(side.model)
+        self._switches[id(side.model)](adapter)
         self.switches += 1
 
     def retrieve(self, question: str, k: int | None = None) -> list[dict]:

@@ -139,6 +139,7 @@ def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path
     monkeypatch.setattr(paths, "OUTPUTS", tmp_path)
     cfg = tmp_path / "broken.yaml"
     cfg.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"),
+                                   "run": {"notebooks": ["05_index", "06_evaluate"]},
                                    "common": {"datasets": ["ecomeval"]},
                                    "05_index": {"systems": ["bm25", "splade"]}}))
     assert run.main([str(cfg)]) == 1
@@ -156,7 +157,14 @@ def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path
 def test_sigkill_then_resume_ends_with_the_metrics_of_an_uninterrupted_run(tiny_run, tmp_path, marker, tally):
     outputs = tmp_path / "outputs"
     env = {**os.environ, "BSHAREDRAG_OUTPUTS": str(outputs)}
-    runner = subprocess.Popen([sys.executable, "-m", "bsharedrag.run", str(paths.CONFIGS / "tiny.yaml")], env=env,
+    # The retrieval chain only: 01 and 04 do not change retrieval at this scale (tiny uses the base backbone), and
+    # the generator's own kill-and-resume test is in test_generator.py.
+    config = tmp_path / "faults.yaml"
+    config.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"),
+                                      "run": {"notebooks": ["02_mine_negatives", "03_retriever", "05_index",
+                                                            "06_evaluate"]},
+                                      "06_evaluate": {"generation_systems": []}}))
+    runner = subprocess.Popen([sys.executable, "-m", "bsharedrag.run", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
     while not list(outputs.glob(f"*/{marker}")):
@@ -184,11 +192,4 @@ def test_sigkill_then_resume_ends_with_the_metrics_of_an_uninterrupted_run(tiny_
     for dataset, by_system in want["retrieval"].items():
         for system, values in by_system.items():
             assert got["retrieval"][dataset][system] == pytest.approx(values, rel=1e-5), (dataset, system)
-            tally("artefacts compared")
-    for dataset, by_system in want["generation"].items():
-        for system, values in by_system.items():
-            assert got["generation"][dataset][system] == pytest.approx(
-                {k: v for k, v in values.items() if k != "seconds_per_question"} | {
-                    "seconds_per_question": got["generation"][dataset][system]["seconds_per_question"]},
-                rel=1e-5), (dataset, system)
             tally("artefacts compared")

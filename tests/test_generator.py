@@ -4,14 +4,29 @@ shared backbone (never merged)."""
 import numpy as np
 import pytest
 import torch
-from transformers import TrainerCallback
-
+from bsharedrag.adapters import AdapterSwitch
 from bsharedrag.backbone import embed, load_backbone
-from bsharedrag.generator import (GENERATION_ADAPTER, DecodeSettings, GeneratorSettings, answer_marker,
-                                  attach_generation_adapter, build_prompt, context_documents, generate,
-                                  save_generation_adapter, train_generation_adapter, training_examples)
+from bsharedrag.generator import (
+    GENERATION_ADAPTER,
+    DecodeSettings,
+    GeneratorSettings,
+    answer_marker,
+    attach_generation_adapter,
+    build_prompt,
+    context_documents,
+    generate,
+    save_generation_adapter,
+    train_generation_adapter,
+    training_examples,
+)
 from bsharedrag.lm import IGNORE, causal_lm_loss
-from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
+from bsharedrag.retriever import (
+    RetrieverSettings,
+    add_retrieval_adapter,
+    attach_retrieval_adapter,
+    save_retrieval_adapter,
+)
+from transformers import TrainerCallback
 
 TINY = GeneratorSettings(steps=2, batch_size=2, lora_r=4, learning_rate=1e-3, doc_max_tokens=16, answer_max_tokens=12)
 
@@ -80,7 +95,7 @@ def test_answer_only_loss_training_and_resume_equal_an_uninterrupted_run(small_e
     out = train_generation_adapter(whole, examples, settings, tmp_path / "whole")
     assert out["steps"] == 4 and len(out["losses"]) == 4 and not out["resumed"]
 
-    import bsharedrag.generator as generator
+    from bsharedrag import generator
 
     trainer_class = generator._answer_only_trainer()
 
@@ -107,10 +122,9 @@ def test_answer_only_loss_training_and_resume_equal_an_uninterrupted_run(small_e
 
 
 def test_sft_masks_the_prompt_and_the_loss_is_the_models_own(small_epqa):
+    from bsharedrag.generator import _answer_only_trainer
     from datasets import Dataset
     from trl import SFTConfig
-
-    from bsharedrag.generator import _answer_only_trainer
 
     bb = fresh()
     examples = training_examples(small_epqa, {}, TINY, bb.tokenizer, "{title}: {text}")[:4]
@@ -159,6 +173,15 @@ def test_adapters_switch_on_one_backbone_exactly_as_if_each_were_alone(small_eco
         shared.model.set_adapter("retrieval")
         assert np.allclose(embed(shared, prompts)["last"], alone_emb, atol=1e-5)
         assert generate(shared, prompts, decode, GENERATION_ADAPTER) == alone_gen
+    switch = AdapterSwitch(shared.model)  # the pipeline's fast switch gives the same outputs
+    for _ in range(2):
+        switch("retrieval")
+        assert shared.model.active_adapter == "retrieval"
+        assert np.allclose(embed(shared, prompts)["last"], alone_emb, atol=1e-5)
+        switch(GENERATION_ADAPTER)
+        assert generate(shared, prompts, decode, GENERATION_ADAPTER) == alone_gen
+    with pytest.raises(ValueError, match="not attached"):
+        switch("nope")
     base = generate(shared, prompts, decode, None)
     assert base == generate(fresh(), prompts, decode, None)  # adapters off: the untouched backbone
 

@@ -395,25 +395,6 @@ def backbone_for_run(backbone: str, run_dir: str | Path, use_pretrained: bool) -
     return str(path)
 
 
-def loss_figure(results: dict[str, list[float]], title: str = "continual pre-training: LM loss"):
-    """Training loss per step (faint) and its moving average, one line per run."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for label, losses in results.items():
-        losses = np.asarray(losses)
-        window = max(1, len(losses) // 10)
-        line, = ax.plot(losses, alpha=0.25)
-        ax.plot(np.arange(window - 1, len(losses)), np.convolve(losses, np.ones(window) / window, mode="valid"),
-                label=label, color=line.get_color())
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
 def settings_from_config(cfg: dict) -> PretrainSettings:
     """The pre-training settings a resolved config asks for (its `01_pretrain` section and the common seed)."""
     section = cfg[STEP]

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 KERNEL := bsharedrag
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data backbone demo test bench clean-venv
+.PHONY: setup data backbone demo ablations test bench clean-venv
 
 # torch==2.13.0 first: on these machines it is the CPU build on local disk; a plain `torch` requirement would pull CUDA.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ backbone: setup
 
 demo: data backbone
 	$(PY) -m bsharedrag.run configs/demo.yaml
+
+# 07's full grid (seeds, lambda sweep, Parametric RAG on every generation question) after the demo chain.
+ablations: data backbone
+	$(PY) -m bsharedrag.run configs/ablations.yaml
 
 test: data backbone
 	$(PY) -m pytest -q tests

@@ -85,6 +85,32 @@ def test_chain_generation_metrics_and_the_ask_command(tiny_run):
     assert empty.returncode == 2 and "empty or whitespace-only" in empty.stderr
 
 
+def test_chain_ablations_rows_figures_and_tables(tiny_run):
+    """07 at tiny scale: every configured variant has a row per data set, Fully Shared RAG one per lambda,
+    Parametric RAG both modes on the asked data set; figures as PNG + PDF, the table as Markdown + LaTeX."""
+    rows = [json.loads(line) for line in (tiny_run / "07_ablations" / "results.jsonl").read_text().splitlines()]
+    variants = {(r["variant"], r["dataset"]) for r in rows}
+    for variant in ("bsharedrag", "wo_hard_negatives", "separate_bm25", "separate_backbones", "fully_shared_0.5",
+                    "base_rag", "closed_book"):
+        assert {(variant, "epqa"), (variant, "ecomeval")} <= variants, variant
+    assert {("prag_parametric", "ecomeval"), ("prag_parametric_docs", "ecomeval")} <= variants
+    by = {(r["variant"], r["dataset"]): r for r in rows}
+    shared, separate = by[("bsharedrag", "epqa")], by[("separate_backbones", "epqa")]
+    assert separate["bleu3"] == shared["bleu3"] and separate["inference_memory_mb"] > 1.5 * shared["inference_memory_mb"]
+    assert by[("closed_book", "epqa")]["ndcg@5"] is None and 0 <= by[("fully_shared_0.5", "epqa")]["ndcg@5"] <= 1
+    assert by[("prag_parametric", "ecomeval")]["documents_encoded"] + by[("prag_parametric", "ecomeval")][
+        "documents_reused"] > 0
+    for r in rows:
+        assert r["n_generation"] > 0 and r["trainable_parameters"] > 0 and r["seconds_per_question"] > 0, r
+    metrics = json.loads((tiny_run / "07_ablations" / "metrics.json").read_text())
+    assert metrics["ablations"]["bsharedrag"]["epqa"]["seeds"] == 1 and metrics["directions"]
+    for stem in ("ablations_generation_ecomeval", "lambda_epqa", "quality_memory_ecomeval"):
+        for ext in ("png", "pdf"):
+            assert (tiny_run / "07_ablations" / "figures" / f"{stem}.{ext}").stat().st_size > 1000
+    assert "\\pm" not in (tiny_run / "07_ablations" / "tables" / "ablations.tex").read_text()  # one seed: no spread
+    assert "separate_backbones" in (tiny_run / "07_ablations" / "tables" / "ablations.md").read_text()
+
+
 def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
     from bsharedrag.efficiency import compare
 

@@ -243,3 +243,13 @@ def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, ada
     finally:
         tok.padding_side = side
     return out
+
+
+def settings_from_config(cfg: dict) -> GeneratorSettings:
+    """The generator settings a resolved config asks for (its `04_generator` section and the common seed)."""
+    s = cfg["04_generator"]
+    return GeneratorSettings(
+        lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_layers=s["lora_layers"], learning_rate=s["learning_rate"],
+        warmup_ratio=s["warmup_ratio"], steps=s["train_steps"], batch_size=s["train_batch_size"], top_k=s["top_k"],
+        include_gold=s["include_gold"], doc_max_tokens=s["doc_max_tokens"], answer_max_tokens=s["answer_max_tokens"],
+        prompt_en=s["prompt_en"], prompt_zh=s["prompt_zh"], save_every=s["save_every"], seed=cfg["common"]["seed"])

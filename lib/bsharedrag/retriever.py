@@ -126,8 +126,9 @@ def _encode(encoder, tokenizer, rows: list[list[int]], device) -> torch.Tensor:
 
 
 def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text: dict[str, str],
-               settings: RetrieverSettings, accelerator: Accelerator) -> float:
-    """One optimisation step's forward and backward (the caller steps the optimiser); returns the global loss."""
+               settings: RetrieverSettings, accelerator: Accelerator, weight: float = 1.0) -> float:
+    """One optimisation step's forward and backward of `weight` x the loss (the caller steps the optimiser); returns
+    the global loss, unweighted."""
     group = 1 + settings.n_negatives
     q_rows = tokenize_for_embedding(tokenizer, [settings.query_prefix + q for q, _ in batch], settings.query_max_length,
                                     warn=False)
@@ -140,7 +141,7 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
         p = _encode(encoder, tokenizer, p_rows, device)
         loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator),
                             settings.temperature, group)
-        accelerator.backward(loss * world)  # DDP averages gradients over processes; the loss is already global
+        accelerator.backward(loss * world * weight)  # DDP averages gradients over processes; the loss is already global
         return float(loss.detach())
     # GradCache: embed without a graph, take the loss gradient w.r.t. the embeddings, then re-embed chunk by
     # chunk with a graph and backpropagate those cached gradients (memory: one chunk, not the whole batch).
@@ -152,7 +153,7 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     q = torch.cat(reps[:n_query_chunks]).requires_grad_()
     p = torch.cat(reps[n_query_chunks:]).requires_grad_()
     loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator), settings.temperature, group)
-    (loss * world).backward()
+    (loss * world * weight).backward()
     grads = list(q.grad.split([len(c) for c in chunks[:n_query_chunks]])) + \
         list(p.grad.split([len(c) for c in chunks[n_query_chunks:]]))
     for i, (rows, grad) in enumerate(zip(chunks, grads)):
@@ -163,19 +164,23 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
 
 
 def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float],
-                     history: list[dict]) -> None:
+                     history: list[dict], auxiliary_losses: list[float]) -> None:
     with atomic_dir(path) as staging:
         torch.save({"adapter": get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "losses": losses, "history": history}, staging / "state.pt")
+                    "step": step, "losses": losses, "history": history, "auxiliary_losses": auxiliary_losses},
+                   staging / "state.pt")
 
 
 def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: dict[str, str],
                             settings: RetrieverSettings, checkpoint_dir: str | Path | None = None,
-                            validate=None, validate_every: int = 0, accelerator: Accelerator | None = None) -> dict:
+                            validate=None, validate_every: int = 0, accelerator: Accelerator | None = None,
+                            retrieval_weight: float = 1.0, auxiliary=None) -> dict:
     """Train the `retrieval` LoRA on `groups` for `settings.steps` steps; resumes from checkpoint_dir if one is there.
 
     Returns the loss per step and the validation results `validate(step)` gave every `validate_every` steps.
+    `auxiliary(step, model, accelerator)`, if given, backpropagates a second loss into the same LoRA each step and
+    returns its value; the retrieval loss is then weighted by `retrieval_weight` (Fully Shared RAG's lambda).
     """
     if not groups:
         raise ValueError("no training groups: every question lacked a positive; check the split and the qrels")
@@ -190,7 +195,7 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * settings.steps), settings.steps)
     # The scheduler stays out of prepare(): accelerate would step it once per process, decaying N times too fast.
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    start, losses, history = 0, [], []
+    start, losses, history, auxiliary_losses = 0, [], [], []
     latest = Path(checkpoint_dir) / "latest" if checkpoint_dir else None
     if latest is not None and (latest / "state.pt").is_file():
         state = torch.load(latest / "state.pt", weights_only=False)
@@ -198,6 +203,7 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, losses, history = state["step"], state["losses"], state["history"]
+        auxiliary_losses = state.get("auxiliary_losses", [])
         accelerator.print(f"resumed retriever training at step {start} from {latest}")
     global_size = settings.batch_size * accelerator.num_processes
     rank = accelerator.process_index
@@ -205,7 +211,13 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     for step in progress(range(start, settings.steps), total=settings.steps - start, desc="retriever"):
         batch = global_batch(groups, step, global_size, settings.n_negatives, settings.seed)
         mine = batch[rank * settings.batch_size:(rank + 1) * settings.batch_size]
-        losses.append(train_step(encoder, backbone.tokenizer, mine, doc_text, settings, accelerator))
+        if retrieval_weight > 0:
+            losses.append(train_step(encoder, backbone.tokenizer, mine, doc_text, settings, accelerator,
+                                     retrieval_weight))
+        else:
+            losses.append(float("nan"))
+        if auxiliary is not None:
+            auxiliary_losses.append(auxiliary(step, model, accelerator))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,10 +227,10 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
             history.append({"step": done, **validate(done)})
             model.train()
         if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
-            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history)
+            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history, auxiliary_losses)
     model.eval()
     return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
-            "processes": accelerator.num_processes}
+            "processes": accelerator.num_processes, "auxiliary_losses": auxiliary_losses}
 
 
 def adapter_identity(adapter_dir: str | Path) -> str:

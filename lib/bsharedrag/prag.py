@@ -1,0 +1,549 @@
+"""Parametric RAG (Su et al. 2025): each document becomes its own small LoRA, trained on texts the backbone writes about
+it (paraphrases, question-answer pairs), cached by document hash; the top-k documents' LoRAs are merged exactly
+(peft `cat`: delta W = sum_i B_i A_i) into the backbone at answer time and removed afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save, save_file
+
+from .artefacts import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
+from .backbone import Backbone
+from .devices import autocast
+from .generator import DecodeSettings, GeneratorSettings, answer_marker, build_prompt, cut_tokens, generate
+from .lm import causal_lm_nll
+from .progress import progress
+
+LANGS = ("en", "zh")
+MODES = ("parametric", "parametric_docs")
+META = "prag.json"  # written last into an adapter folder: an adapter without a readable one is absent
+WEIGHTS = "adapter_model.safetensors"
+HOLDER = "prag_holder"  # the adapter a bare backbone is wrapped with while PRAG works on it (peft needs one)
+TRAINING = "prag_training"
+INIT = "prag_init"
+MERGED = "prag_merged"
+NOT_IN_KEY = ("augment_batch_size",)  # settings that never change an adapter
+
+DOC_LABEL = {"en": "Document:", "zh": "文档："}
+PARAPHRASE_ASKS = {
+    "en": ("Rewrite the document in other words:", "Summarise the document in a few sentences:",
+           "Explain the document in simple words:"),
+    "zh": ("用其他的话改写这篇文档：", "用几句话总结这篇文档：", "用简单的话解释这篇文档："),
+}
+QA_ASK = {"en": "Questions and answers about the document:", "zh": "关于这篇文档的问题和回答："}
+QUESTION = {"en": "Question:", "zh": "问题："}
+ANSWER = {"en": "Answer:", "zh": "回答："}
+QUESTION_LINE = {"en": re.compile(r"^\s*(?:question|q)\s*[:：]\s*(.*)$", re.IGNORECASE),
+                 "zh": re.compile(r"^\s*(?:问题|问)\s*[:：]\s*(.*)$")}
+ANSWER_LINE = {"en": re.compile(r"^\s*(?:answer|a)\s*[:：]\s*(.*)$", re.IGNORECASE),
+               "zh": re.compile(r"^\s*(?:回答|答案|答)\s*[:：]\s*(.*)$")}
+ANSWER_INLINE = {"en": re.compile(r"\s(?:answer)\s*:\s*", re.IGNORECASE),
+                 "zh": re.compile(r"\s*(?:回答|答案)\s*[:：]\s*")}
+QA_TEXT = {"en": "{document}\nQuestion: {question}\nAnswer: {answer}",
+           "zh": "{document}\n问题：{question}\n回答：{answer}"}
+
+
+@dataclass
+class PRAGSettings:
+    """Every knob of Parametric RAG: the document LoRAs, their training and the backbone's self-augmentation."""
+
+    lora_r: int = 2
+    lora_alpha: int = 32
+    target_modules: list = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])  # every layer
+    learning_rate: float = 3e-4
+    epochs: int = 1  # passes over a document's training texts
+    paraphrases: int = 1  # rewrites the backbone writes per document
+    qa_pairs: int = 2  # question-answer pairs the backbone writes per document
+    augment_max_new_tokens: int = 64
+    max_retries: int = 2  # extra, sampled attempts for an augmentation output that failed validation
+    doc_max_tokens: int = 128  # each document is cut to this many tokens (prompts and training texts)
+    train_max_tokens: int = 256  # each training text is cut to this many tokens
+    augment_batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse a value that cannot work, naming it and the fix."""
+        minimum = {"lora_r": 1, "epochs": 1, "paraphrases": 0, "qa_pairs": 0, "augment_max_new_tokens": 1,
+                   "max_retries": 0, "doc_max_tokens": 1, "train_max_tokens": 2, "augment_batch_size": 1, "seed": 0}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"PRAG setting {name}={value!r} is invalid; give an integer >= {low}")
+        for name in ("lora_alpha", "learning_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"PRAG setting {name}={value!r} is invalid; give a positive number")
+        if isinstance(self.target_modules, str) or not self.target_modules or \
+                not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ValueError(f"PRAG setting target_modules={self.target_modules!r} is invalid; give a non-empty list "
+                             "of module names, e.g. ['gate_proj', 'up_proj', 'down_proj']")
+
+
+def lora_config(settings: PRAGSettings) -> LoraConfig:
+    """The LoRA of one document: feed-forward projections of every layer, no dropout."""
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=list(settings.target_modules),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+
+
+def _check_lang(lang: str) -> None:
+    if lang not in LANGS:
+        raise ValueError(f"no Parametric RAG prompts for language {lang!r}; use one of {', '.join(LANGS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Self-augmentation
+
+def paraphrase_prompt(document: str, slot: int, lang: str) -> str:
+    """Completion-style prompt for the `slot`-th rewrite of `document` (each slot asks differently)."""
+    asks = PARAPHRASE_ASKS[lang]
+    ask = asks[slot % len(asks)]
+    if slot >= len(asks):
+        ask = f"{ask[:-1]} ({slot // len(asks) + 1}){ask[-1]}"
+    return f"{DOC_LABEL[lang]} {document}\n{ask}\n" if lang == "en" else f"{DOC_LABEL[lang]}{document}\n{ask}\n"
+
+
+def qa_prompt(document: str, lang: str) -> str:
+    """Completion-style prompt ending in the first question marker: the model writes Question/Answer lines."""
+    label = f"{DOC_LABEL[lang]} " if lang == "en" else DOC_LABEL[lang]
+    return f"{label}{document}\n{QA_ASK[lang]}\n{QUESTION[lang]}"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _scaffolding(line: str, lang: str) -> bool:
+    """Whether a line repeats the prompt's own scaffolding (a document label, an instruction, a bare marker)."""
+    line = line.strip()
+    asks = {_norm(a) for a in (*PARAPHRASE_ASKS[lang], QA_ASK[lang], QUESTION[lang], ANSWER[lang])}
+    return line.startswith(DOC_LABEL[lang].strip()) or _norm(line) in asks
+
+
+def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) -> tuple[str, str]:
+    """(paraphrase, "") from a raw output, cut where the prompt scaffolding starts again, or ("", why it is invalid)."""
+    if not output.strip():
+        return "", "empty"
+    kept = []
+    for line in output.strip().splitlines():
+        if _scaffolding(line, lang):
+            break
+        kept.append(line)
+    text = "\n".join(kept).strip()
+    if not text:
+        return "", "prompt scaffolding only"
+    if _norm(text) == _norm(document):
+        return "", "a copy of the document"
+    if _norm(text) in {_norm(e) for e in earlier}:
+        return "", "a duplicate of an earlier paraphrase"
+    return text, ""
+
+
+def parse_qa(output: str, lang: str) -> list[dict]:
+    """Question/answer pairs in a completion of `qa_prompt` (which ends with the first question marker)."""
+    pairs, question = [], None
+    for line in (QUESTION[lang] + output).splitlines():
+        if line.strip().startswith(DOC_LABEL[lang].strip()):
+            break  # the model went on to another document
+        if (match := QUESTION_LINE[lang].match(line)):
+            parts = ANSWER_INLINE[lang].split(match.group(1), maxsplit=1)
+            question = parts[0].strip()
+            if len(parts) == 2:  # "Question: ... Answer: ..." on one line
+                pairs.append({"question": question, "answer": parts[1].strip()})
+                question = None
+        elif (match := ANSWER_LINE[lang].match(line)) and question is not None:
+            pairs.append({"question": question, "answer": match.group(1).strip()})
+            question = None
+    return pairs
+
+
+def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], str]:
+    """The new, valid pairs in a raw output and, where there is none, why."""
+    if not output.strip():
+        return [], "empty"
+    pairs = parse_qa(output, lang)
+    if not pairs:
+        return [], "unparsable: no question followed by an answer"
+    seen = {_norm(p["question"]) for p in earlier}
+    good = []
+    for pair in pairs:
+        q, a = pair["question"], pair["answer"]
+        if q and a and not _scaffolding(q, lang) and not _scaffolding(a, lang) and _norm(q) not in seen:
+            good.append({"question": q, "answer": a})
+            seen.add(_norm(q))
+    if not good:
+        return [], "no new pair with a non-empty question and answer"
+    return good, ""
+
+
+def augment_documents(backbone: Backbone, documents: list[str], lang: str, settings: PRAGSettings) -> list[dict]:
+    """Paraphrases and question-answer pairs the bare backbone (no adapter active) writes about each document.
+
+    Each document, cut to `doc_max_tokens`, gets `paraphrases` rewrite prompts (each asking differently) and one QA
+    prompt whose completion may hold several pairs; all documents' prompts go through one batched `generate` per
+    attempt. The first attempt decodes greedily; an output that fails validation (empty, only the prompt's
+    scaffolding, a copy of the document, a duplicate, a QA completion without a parsable non-empty question and answer)
+    is asked again with seeded sampling (seed = settings.seed + attempt), at most `max_retries` times. What still fails
+    is recorded in "failed" (kind, reason, last output) and the document trains on what it has: the document text is
+    always a training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
+    """
+    _check_lang(lang)
+    settings.validate()
+    docs = [cut_tokens(backbone.tokenizer, d, settings.doc_max_tokens) for d in documents]
+    out = [{"paraphrases": [], "qa": [], "attempts": 0, "failed": [], "lang": lang} for _ in docs]
+    open_slots = [list(range(settings.paraphrases)) for _ in docs]
+    last_failure: dict[tuple[int, str, int], dict] = {}
+    for attempt in range(settings.max_retries + 1):
+        jobs = [(i, "paraphrase", s) for i, slots in enumerate(open_slots) for s in slots]
+        jobs += [(i, "qa", 0) for i, record in enumerate(out) if len(record["qa"]) < settings.qa_pairs]
+        if not jobs:
+            break
+        prompts = [paraphrase_prompt(docs[i], s, lang) if kind == "paraphrase" else qa_prompt(docs[i], lang)
+                   for i, kind, s in jobs]
+        decode = DecodeSettings(max_new_tokens=settings.augment_max_new_tokens, do_sample=attempt > 0,
+                                batch_size=settings.augment_batch_size, seed=settings.seed + attempt)
+        for (i, kind, slot), output in zip(jobs, generate(backbone, prompts, decode, adapter=None)):
+            record = out[i]
+            record["attempts"] = attempt + 1
+            if kind == "paraphrase":
+                text, reason = clean_paraphrase(output, docs[i], record["paraphrases"], lang)
+                if not reason:
+                    record["paraphrases"].append(text)
+                    open_slots[i].remove(slot)
+            else:
+                pairs, reason = valid_qa(output, record["qa"], lang)
+                record["qa"] += pairs[:settings.qa_pairs - len(record["qa"])]
+                if pairs and len(record["qa"]) < settings.qa_pairs:
+                    reason = f"{len(record['qa'])} of {settings.qa_pairs} pairs"
+            if reason:
+                last_failure[(i, kind, slot)] = {"kind": kind, "reason": reason, "output": output}
+            else:
+                last_failure.pop((i, kind, slot), None)
+    for (i, _, _), failure in sorted(last_failure.items()):
+        out[i]["failed"].append(failure)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapters on the shared backbone, put back as they were
+
+@contextlib.contextmanager
+def lora_session(backbone: Backbone, settings: PRAGSettings) -> Iterator[PeftModel]:
+    """The backbone as a PeftModel for PRAG's temporary adapters; on exit it is exactly as it was.
+
+    Adapters added inside are deleted, the active adapter, each parameter's `requires_grad` and the train/eval mode are
+    restored; a bare model is wrapped (with a placeholder adapter, as peft cannot hold none) and unwrapped again. The
+    caller's random stream is left alone too (every new LoRA draws its A from it).
+    """
+    devices = [backbone.device] if backbone.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        bare = not isinstance(backbone.model, PeftModel)
+        if bare:
+            backbone.model = get_peft_model(backbone.model, lora_config(settings), adapter_name=HOLDER)
+        model = backbone.model
+        before, active, training = list(model.peft_config), model.active_adapter, model.training
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        wrapped = {id(m) for m in model.modules() if isinstance(m, BaseTunerLayer)}
+        targeted = list(getattr(model.base_model, "targeted_module_names", []))
+        try:
+            yield model
+        finally:
+            if model.active_adapter != active:
+                model.set_adapter(active)  # first, so that peft does not warn about deleting the active adapter
+            for name in [n for n in model.peft_config if n not in before]:
+                model.delete_adapter(name)
+            if bare:
+                backbone.model = model.unload()
+                backbone.model.train(training)
+            else:
+                _unwrap_new_layers(model, wrapped)
+                if hasattr(model.base_model, "targeted_module_names"):
+                    model.base_model.targeted_module_names = targeted
+                for n, p in model.named_parameters():
+                    p.requires_grad_(grads.get(n, p.requires_grad))
+                model.train(training)
+    if not bare and list(model.peft_config) != before:
+        raise RuntimeError(f"PRAG left adapters {list(model.peft_config)} on the backbone, which had {before}")
+
+
+def _unwrap_new_layers(model: PeftModel, wrapped: set[int]) -> None:
+    """Put back the plain modules that peft wrapped for PRAG's adapters alone: peft's delete_adapter leaves the (now
+    empty) LoRA wrapper in place, which would rename the base weights (`.weight` -> `.base_layer.weight`)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and id(module) not in wrapped and \
+                not any(getattr(module, attr) for attr in module.adapter_layer_names):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+
+
+def make_init_state(backbone: Backbone, settings: PRAGSettings) -> dict[str, torch.Tensor]:
+    """A seeded fresh LoRA's weights (peft's init: A random, B zero): where every document adapter starts."""
+    with lora_session(backbone, settings) as model:
+        torch.manual_seed(settings.seed)
+        model.add_adapter(INIT, lora_config(settings))
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, adapter_name=INIT).items()}
+
+
+def training_texts(document: str, augmentation: dict) -> list[str]:
+    """The document itself, its paraphrases, and the document followed by each question and answer."""
+    template = QA_TEXT[augmentation.get("lang", "en")]
+    return [document, *augmentation.get("paraphrases", []),
+            *(template.format(document=document, **qa) for qa in augmentation.get("qa", []))]
+
+
+def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict, settings: PRAGSettings,
+                           init_state: dict[str, torch.Tensor]) -> dict:
+    """Train one document's LoRA from `init_state` on its training texts (causal-LM loss, AdamW, one text per step).
+
+    Returns {"state": the LoRA state dict (peft's saved keys, on CPU), "stats": steps, seconds, tokens, losses}; the
+    backbone is left as it was.
+    """
+    began = time.perf_counter()
+    document = cut_tokens(backbone.tokenizer, doc_text, settings.doc_max_tokens)
+    rows = [ids[:settings.train_max_tokens] for ids in
+            backbone.tokenizer(training_texts(document, augmentation), add_special_tokens=True)["input_ids"]]
+    rows = [r for r in rows if len(r) >= 2]  # one token predicts nothing
+    if not rows:
+        raise ValueError(f"document {doc_text[:40]!r} gives no training text of two tokens or more; give a non-empty "
+                         "document")
+    order = random.Random(settings.seed)
+    losses, tokens = [], 0
+    with lora_session(backbone, settings) as model, torch.enable_grad():
+        model.add_adapter(TRAINING, lora_config(settings))
+        loaded = set_peft_model_state_dict(model, init_state, adapter_name=TRAINING)
+        if loaded.unexpected_keys:
+            raise ValueError(f"the init state does not fit this LoRA ({loaded.unexpected_keys[:2]}...); it was made "
+                             "for other settings or another architecture")
+        model.set_adapter(TRAINING)  # peft: the active adapter alone is trainable
+        params = [p for n, p in model.named_parameters() if f".{TRAINING}." in n]
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+        for _ in range(settings.epochs):
+            for i in order.sample(range(len(rows)), len(rows)):
+                ids = torch.tensor([rows[i]], device=backbone.device)
+                with autocast(backbone.device, backbone.dtype):
+                    total, count = causal_lm_nll(model, ids, torch.ones_like(ids), ids)
+                loss = total / count
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                tokens += count
+        state = get_peft_model_state_dict(model, adapter_name=TRAINING)
+        state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    return {"state": state, "stats": {"steps": len(losses), "seconds": time.perf_counter() - began, "tokens": tokens,
+                                      "texts": len(rows), "losses": losses}}
+
+
+@contextlib.contextmanager
+def merged_documents(backbone: Backbone, adapter_dirs: list[Path], settings: PRAGSettings) -> Iterator[str]:
+    """The documents' LoRAs loaded and merged exactly into one adapter (peft `cat`); yields its name, removes all after.
+
+    `cat` concatenates the ranks (A_i scaled by its weight 1.0 and its own alpha/r), so the merged delta is exactly
+    sum_i scale * B_i A_i. For one document peft merges by `linear` instead (sqrt(scale) on A and on B), also exact.
+    """
+    with lora_session(backbone, settings) as model:
+        names = [f"prag_doc_{i}" for i in range(len(adapter_dirs))]
+        taken = [n for n in (*names, MERGED) if n in model.peft_config]
+        if taken:
+            raise ValueError(f"the backbone already carries adapters {taken}; PRAG needs these names free")
+        for name, folder in zip(names, adapter_dirs):
+            model.load_adapter(str(folder), adapter_name=name, torch_device=str(backbone.device))
+        # add_weighted_adapter silently does nothing when the name exists: it was checked free above
+        model.add_weighted_adapter(names, weights=[1.0] * len(names), adapter_name=MERGED, combination_type="cat")
+        yield MERGED
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cache of document adapters
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class DocumentAdapterCache:
+    """Document LoRAs on disk, keyed by sha256 of (document, backbone fingerprint, settings, shared init).
+
+    Layout of `cache_dir`: `init-<spec>.safetensors` (the one initialisation every adapter of these LoRA shapes and
+    seed starts from, written once), `augmentations/<key>.json`, `adapters/<key>/` (a peft adapter folder with
+    augmentation.json and prag.json, written atomically; a folder without a readable prag.json is absent).
+    """
+
+    def __init__(self, cache_dir: str | Path, backbone: Backbone, settings: PRAGSettings):
+        settings.validate()
+        self.dir, self.backbone, self.settings = Path(cache_dir), backbone, settings
+        text = backbone.model.config.get_text_config()
+        spec = {"model_type": text.model_type, "lora_r": settings.lora_r, "seed": settings.seed,
+                "target_modules": sorted(settings.target_modules),
+                **{k: getattr(text, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}}
+        self.init_path = self.dir / f"init-{_sha256_json(spec)[:12]}.safetensors"
+        if not self.init_path.is_file():
+            state = make_init_state(backbone, settings)
+            atomic_write_bytes(self.init_path, save(state, metadata={"spec": json.dumps(spec, sort_keys=True)}))
+        self.init_hash = sha256_file(self.init_path)
+        self.init_state = load_file(self.init_path)
+
+    def key(self, doc_text: str, lang: str) -> str:
+        """sha256 of everything that changes the document's adapter."""
+        tuned = {k: v for k, v in asdict(self.settings).items() if k not in NOT_IN_KEY}
+        return _sha256_json({"document": doc_text, "lang": lang, "backbone": self.backbone.fingerprint,
+                             "settings": tuned, "init": self.init_hash})
+
+    def augmentation_key(self, doc_text: str, lang: str) -> str:
+        """sha256 of everything that changes what the backbone writes about the document."""
+        used = ("paraphrases", "qa_pairs", "augment_max_new_tokens", "max_retries", "doc_max_tokens", "seed")
+        return _sha256_json({"document": doc_text, "lang": lang, "backbone": self.backbone.fingerprint,
+                             "settings": {k: getattr(self.settings, k) for k in used}})
+
+    def adapter_dir(self, doc_text: str, lang: str) -> Path:
+        return self.dir / "adapters" / self.key(doc_text, lang)
+
+    def is_cached(self, doc_text: str, lang: str) -> bool:
+        """Whether a complete adapter for the document is on disk (prag.json readable, with its key, and weights)."""
+        folder = self.adapter_dir(doc_text, lang)
+        meta = _read_json(folder / META)
+        return bool(meta) and meta.get("key") == folder.name and (folder / WEIGHTS).is_file() and \
+            (folder / "adapter_config.json").is_file()
+
+    def adapter_parameters(self) -> int:
+        """Trainable parameters of one document's LoRA."""
+        return sum(t.numel() for t in self.init_state.values())
+
+    def adapter_mb(self) -> float:
+        """Size of one document's LoRA weights in MB."""
+        return sum(t.numel() * t.element_size() for t in self.init_state.values()) / 2**20
+
+    def get_or_train(self, doc_id: str, doc_text: str, lang: str) -> Path:
+        """The document's adapter folder, trained first if it is not cached."""
+        self.ensure([(doc_id, doc_text)], lang)
+        return self.adapter_dir(doc_text, lang)
+
+    def ensure(self, docs: list[tuple[str, str]], lang: str) -> dict:
+        """Train the adapters of `docs` (doc_id, text) not cached yet: one batched augmentation, then one LoRA each.
+
+        Returns {"encoded": adapters trained now, "reused": documents already cached, "augment_seconds",
+        "train_seconds"}.
+        """
+        _check_lang(lang)
+        unique: dict[str, tuple[str, str]] = {}
+        for doc_id, text in docs:
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"document {doc_id!r} has no text; drop it or give its passage")
+            unique.setdefault(self.key(text, lang), (doc_id, text))
+        missing = [(key, doc_id, text) for key, (doc_id, text) in unique.items() if not self.is_cached(text, lang)]
+        augmentations = {key: self._cached_augmentation(text, lang) for key, _, text in missing}
+        to_write = [(key, doc_id, text) for key, doc_id, text in missing if augmentations[key] is None]
+        began = time.perf_counter()
+        if to_write:
+            written = augment_documents(self.backbone, [text for _, _, text in to_write], lang, self.settings)
+            for (key, doc_id, text), augmentation in zip(to_write, written):
+                augmentations[key] = augmentation
+                atomic_write_json(self.dir / "augmentations" / f"{self.augmentation_key(text, lang)}.json",
+                                  {"doc_id": doc_id, "key": self.augmentation_key(text, lang),
+                                   "augmentation": augmentation})
+        augment_seconds, began = time.perf_counter() - began, time.perf_counter()
+        if missing:
+            with lora_session(self.backbone, self.settings):  # a bare backbone is wrapped once for all documents
+                for key, doc_id, text in progress(missing, total=len(missing), desc="prag: document adapters"):
+                    trained = train_document_adapter(self.backbone, text, augmentations[key], self.settings,
+                                                     self.init_state)
+                    self._save(key, doc_id, lang, trained, augmentations[key])
+        return {"encoded": len(missing), "reused": len(unique) - len(missing), "augment_seconds": augment_seconds,
+                "train_seconds": time.perf_counter() - began}
+
+    def _cached_augmentation(self, doc_text: str, lang: str) -> dict | None:
+        key = self.augmentation_key(doc_text, lang)
+        saved = _read_json(self.dir / "augmentations" / f"{key}.json")
+        return saved["augmentation"] if saved and saved.get("key") == key else None
+
+    def _save(self, key: str, doc_id: str, lang: str, trained: dict, augmentation: dict) -> Path:
+        target = self.dir / "adapters" / key
+        with atomic_dir(target) as staging:
+            save_file(trained["state"], str(staging / WEIGHTS), metadata={"format": "pt"})
+            lora_config(self.settings).save_pretrained(str(staging))
+            atomic_write_json(staging / "augmentation.json", augmentation)
+            atomic_write_json(staging / META, {
+                "doc_id": doc_id, "key": key, "lang": lang, "stats": trained["stats"], "init": self.init_hash,
+                "settings": asdict(self.settings), "backbone": self.backbone.name,
+                "backbone_fingerprint": self.backbone.fingerprint})
+        return target
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answering
+
+class ParametricRAG:
+    """Answers questions with their top-k documents' LoRAs merged into the backbone (and, in parametric_docs mode,
+    the documents in the prompt as well)."""
+
+    def __init__(self, backbone: Backbone, cache: DocumentAdapterCache, generator_settings: GeneratorSettings,
+                 decode: DecodeSettings):
+        if cache.backbone.fingerprint != backbone.fingerprint:
+            raise ValueError(f"the adapter cache was made for backbone {cache.backbone.name} "
+                             f"({cache.backbone.fingerprint}), not {backbone.name} ({backbone.fingerprint}); give "
+                             "ParametricRAG the cache of this backbone")
+        self.backbone, self.cache, self.generator_settings, self.decode = backbone, cache, generator_settings, decode
+
+    def answer(self, question: str, doc_ids_texts: list[tuple[str, str]], lang: str,
+               mode: str = "parametric") -> dict:
+        """One question's answer, its latency and the cost figures (see answer_many)."""
+        out = self.answer_many([question], [doc_ids_texts], lang, mode)
+        return {"answer": out["answers"][0], "latency_s": out["latency_s"][0], **out["cost"]}
+
+    def answer_many(self, questions: list[str], docs_per_question: list[list[tuple[str, str]]], lang: str,
+                    mode: str = "parametric") -> dict:
+        """Answers to `questions`, each with its documents' merged LoRA; questions with the same documents are batched.
+
+        Missing document adapters are trained first (cache.ensure). Returns {"answers", "latency_s" (per question: the
+        seconds its group took to load, merge, generate and unload), "cost": {"encoded", "reused", "augment_seconds",
+        "train_seconds", "answer_seconds"}}.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown Parametric RAG mode {mode!r}; use one of {', '.join(MODES)}")
+        if len(questions) != len(docs_per_question):
+            raise ValueError(f"{len(questions)} questions but {len(docs_per_question)} document lists; give one list "
+                             "per question")
+        cost = self.cache.ensure([d for docs in docs_per_question for d in docs], lang)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for q, docs in enumerate(docs_per_question):
+            groups.setdefault(tuple(sorted({self.cache.key(text, lang) for _, text in docs})), []).append(q)
+        answers, latency = [""] * len(questions), [0.0] * len(questions)
+        stop = answer_marker(self.generator_settings, lang)
+        tok = self.backbone.tokenizer
+        began = time.perf_counter()
+        with lora_session(self.backbone, self.cache.settings):  # a bare backbone is wrapped once for all groups
+            for keys, members in groups.items():
+                start = time.perf_counter()
+                prompts = [build_prompt(questions[q], [t for _, t in docs_per_question[q]]
+                                        if mode == "parametric_docs" else [], lang, self.generator_settings, tok)
+                           for q in members]
+                if keys:
+                    folders = [self.cache.dir / "adapters" / key for key in keys]
+                    with merged_documents(self.backbone, folders, self.cache.settings) as name:
+                        outputs = generate(self.backbone, prompts, self.decode, adapter=name, stop=stop)
+                else:  # a question without documents: the bare backbone
+                    outputs = generate(self.backbone, prompts, self.decode, adapter=None, stop=stop)
+                for q, text in zip(members, outputs):
+                    answers[q], latency[q] = text, time.perf_counter() - start
+        return {"answers": answers, "latency_s": latency,
+                "cost": {**cost, "answer_seconds": time.perf_counter() - began}}

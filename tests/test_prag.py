@@ -1,0 +1,246 @@
+"""Parametric RAG: the exact `cat` merge of document LoRAs, the document-adapter cache (reuse, new keys, kills), the
+backbone left as it was after answering, the augmentation parser with retries, and the one shared initialisation."""
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from bsharedrag import prag
+from bsharedrag.artefacts import sha256_file
+from bsharedrag.backbone import Backbone, load_backbone
+from bsharedrag.generator import DecodeSettings, GeneratorSettings
+from bsharedrag.prag import (
+    META,
+    WEIGHTS,
+    DocumentAdapterCache,
+    ParametricRAG,
+    PRAGSettings,
+    augment_documents,
+    make_init_state,
+    merged_documents,
+    parse_qa,
+    train_document_adapter,
+    training_texts,
+)
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+TINY = PRAGSettings(learning_rate=1e-2, paraphrases=1, qa_pairs=1, augment_max_new_tokens=6, max_retries=1,
+                    doc_max_tokens=24, train_max_tokens=48)
+DOCS = [("d1", "The kettle boils a litre of water in three minutes and switches itself off."),
+        ("d2", "Returns are accepted within 30 days of delivery with the original receipt."),
+        ("d3", "The blender has five speeds and a pulse button for crushing ice.")]
+IDS = torch.tensor([[2, 651, 7083, 35000, 1589, 236761, 506, 2360]])
+
+
+@pytest.fixture(scope="module")
+def bare():
+    """A bare tiny backbone, and an untouched copy of its model to compare with."""
+    bb = load_backbone("tiny-random-gemma3", compute_dtype="float32")
+    return bb, copy.deepcopy(bb.model)
+
+
+@pytest.fixture(scope="module")
+def trained(bare, tmp_path_factory):
+    cache = DocumentAdapterCache(tmp_path_factory.mktemp("prag"), bare[0], TINY)
+    assert cache.ensure(DOCS, "en")["encoded"] == 3
+    return cache
+
+
+def logits(model, adapter=None):
+    with torch.no_grad():
+        if isinstance(model, PeftModel) and adapter is None:
+            with model.disable_adapter():
+                return model(input_ids=IDS).logits
+        if adapter is not None:
+            model.set_adapter(adapter)
+        return model(input_ids=IDS).logits
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="lora_r=0"):
+        PRAGSettings(lora_r=0)
+    with pytest.raises(ValueError, match="learning_rate=-1"):
+        PRAGSettings(learning_rate=-1)
+    with pytest.raises(ValueError, match="target_modules"):
+        PRAGSettings(target_modules=[])
+
+
+def test_cat_merge_equals_each_documents_scaled_BA_added_by_hand(bare, trained):
+    bb, untouched = bare
+    folders = [trained.adapter_dir(text, "en") for _, text in DOCS[:2]]
+    with merged_documents(bb, folders, TINY) as name:
+        assert bb.model.peft_config[name].r == 2 * TINY.lora_r
+        merged = logits(bb.model, name)
+    by_hand = copy.deepcopy(untouched)
+    weights = dict(by_hand.named_parameters())
+    scale = TINY.lora_alpha / TINY.lora_r
+    with torch.no_grad():
+        for folder in folders:
+            state = load_file(folder / WEIGHTS)
+            for key, a in state.items():
+                if ".lora_A." in key:
+                    b = state[key.replace(".lora_A.", ".lora_B.")]
+                    weights[key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")] += scale * b @ a
+    assert torch.allclose(merged, logits(by_hand), atol=1e-5)
+    assert (merged - logits(untouched)).abs().max() > 1e-3  # the adapters do change the model
+    assert not isinstance(bb.model, PeftModel)  # the bare backbone was wrapped for the merge and unwrapped after
+
+
+def test_a_second_ensure_trains_nothing_and_changes_give_new_keys(bare, trained, monkeypatch):
+    bb = bare[0]
+    files = {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in (trained.dir / "adapters").rglob("*") if p.is_file()}
+    again = trained.ensure(DOCS, "en")
+    assert again["encoded"] == 0 and again["reused"] == 3
+    assert {p: (p.stat().st_mtime_ns, sha256_file(p)) for p in files} == files
+    assert trained.get_or_train("d1", DOCS[0][1], "en") == trained.adapter_dir(DOCS[0][1], "en")
+    meta = json.loads((trained.adapter_dir(DOCS[0][1], "en") / META).read_text())
+    assert meta["doc_id"] == "d1" and meta["stats"]["steps"] >= 1 and meta["stats"]["tokens"] > 0
+
+    changed = DOCS[0][1] + " It comes in blue."
+    assert trained.key(changed, "en") != trained.key(DOCS[0][1], "en")
+    assert trained.key(DOCS[0][1], "zh") != trained.key(DOCS[0][1], "en")
+    elsewhere = DocumentAdapterCache(trained.dir, replace(bb, fingerprint="another-backbone"), TINY)
+    assert elsewhere.key(DOCS[0][1], "en") != trained.key(DOCS[0][1], "en")
+    augmented = []
+    real = prag.augment_documents
+    monkeypatch.setattr(prag, "augment_documents", lambda *a: augmented.append(a[1]) or real(*a))
+    slower = DocumentAdapterCache(trained.dir, bb, replace(TINY, learning_rate=1e-3))
+    assert slower.key(DOCS[0][1], "en") != trained.key(DOCS[0][1], "en")
+    assert slower.ensure(DOCS[:1], "en")["encoded"] == 1 and augmented == []  # its augmentation is reused
+    assert trained.ensure([("d1", changed)], "en")["encoded"] == 1 and augmented == [[changed]]
+
+
+def test_an_adapter_folder_without_complete_metadata_is_retrained(bare, tmp_path, monkeypatch):
+    cache = DocumentAdapterCache(tmp_path, bare[0], replace(TINY, max_retries=0))
+    doc_id, text = DOCS[0]
+    folder = cache.adapter_dir(text, "en")
+
+    def killed(path, obj):
+        raise KeyboardInterrupt("killed while writing prag.json")
+
+    real = prag.atomic_write_json
+    monkeypatch.setattr(prag, "atomic_write_json", lambda path, obj: (killed if path.name == META else real)(path, obj))
+    with pytest.raises(KeyboardInterrupt):
+        cache.ensure([(doc_id, text)], "en")
+    monkeypatch.undo()
+    assert not folder.exists() and not cache.is_cached(text, "en")  # the staged folder never became the adapter
+    assert cache.ensure([(doc_id, text)], "en")["encoded"] == 1 and cache.is_cached(text, "en")
+
+    (folder / META).unlink()  # a folder a kill left without its metadata (copied by hand, say)
+    assert not cache.is_cached(text, "en")
+    assert cache.ensure([(doc_id, text)], "en")["encoded"] == 1 and cache.ensure([(doc_id, text)], "en")["reused"] == 1
+    meta = (folder / META).read_text()
+    (folder / META).write_text(meta[:len(meta) // 2])  # a half-written one
+    assert not cache.is_cached(text, "en") and cache.ensure([(doc_id, text)], "en")["encoded"] == 1
+    assert json.loads((folder / META).read_text())["key"] == folder.name
+
+
+def test_answering_leaves_the_backbone_and_its_adapters_as_they_were(bare, trained, monkeypatch):
+    bb, untouched = bare
+    shared = Backbone(bb.name, copy.deepcopy(untouched), bb.tokenizer, bb.device, bb.dtype)
+    assert shared.fingerprint == bb.fingerprint
+    shared.model = get_peft_model(shared.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "retrieval")
+    # the generation adapter shares two of PRAG's target modules; up_proj is wrapped by PRAG alone
+    generation = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], task_type="CAUSAL_LM")
+    shared.model.add_adapter("generation", generation)
+    with torch.no_grad():
+        for name, p in shared.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    shared.model.set_adapter("generation")
+    before = {"adapters": list(shared.model.peft_config), "active": shared.model.active_adapter,
+              "grad": {n: p.requires_grad for n, p in shared.model.named_parameters()}}
+    outputs = {a: logits(shared.model, a) for a in ("retrieval", "generation")}
+    shared.model.set_adapter("generation")
+
+    calls = []
+    real = prag.generate
+    monkeypatch.setattr(prag, "generate", lambda bb_, prompts, *a, **k: calls.append(len(prompts)) or real(bb_, prompts,
+                                                                                                         *a, **k))
+    rng = torch.random.get_rng_state()
+    questions = ["How long does it take to boil?", "Can I return it?", "What about ice?"]
+    docs = [DOCS[:2], DOCS[1::-1], DOCS[2:]]  # the first two share their documents: one batch
+    for backbone, modes in ((shared, ("parametric", "parametric_docs")), (bb, ("parametric",))):
+        rag = ParametricRAG(backbone, trained, GeneratorSettings(doc_max_tokens=16), DecodeSettings(max_new_tokens=3))
+        for mode in modes:
+            calls.clear()
+            out = rag.answer_many(questions, docs, "en", mode)
+            assert calls == [2, 1] and len(out["answers"]) == 3 and all(isinstance(a, str) for a in out["answers"])
+            assert len(out["latency_s"]) == 3 and out["cost"]["encoded"] == 0 and out["cost"]["reused"] == 3
+        one = rag.answer(questions[0], DOCS[:1], "en", "parametric")
+        assert isinstance(one["answer"], str) and one["latency_s"] > 0
+    with pytest.raises(ValueError, match="'closed'"):
+        rag.answer(questions[0], DOCS[:1], "en", "closed")
+
+    assert torch.equal(torch.random.get_rng_state(), rng)  # PRAG's throwaway LoRA inits drew from a forked stream
+    assert list(shared.model.peft_config) == before["adapters"] and shared.model.active_adapter == before["active"]
+    assert {n: p.requires_grad for n, p in shared.model.named_parameters()} == before["grad"]
+    for adapter, expected in outputs.items():
+        assert torch.equal(logits(shared.model, adapter), expected)
+    base = logits(untouched)
+    assert torch.equal(logits(shared.model), base)
+    assert not isinstance(bb.model, PeftModel) and torch.equal(logits(bb.model), base)
+
+
+def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures(bare, monkeypatch, tally):
+    settings = PRAGSettings(paraphrases=1, qa_pairs=2, max_retries=2, seed=5)
+    docs = ["Alpha kettle boils water.", "Beta blender crushes ice.", "Gamma toaster browns bread."]
+    script = {  # (document, kind) -> output per attempt
+        ("Alpha", "para"): ["A kettle that heats water."],
+        ("Alpha", "qa"): [" What does it boil?\nAnswer: Water.\nQuestion: Which kettle?\nAnswer: Alpha."],
+        ("Beta", "para"): ["   ", "A blender for ice."],
+        ("Beta", "qa"): [" What does it crush?\n", " What does it crush? Answer: Ice.", " Which brand?\nAnswer: Beta."],
+        ("Gamma", "para"): ["Gamma toaster browns bread.", "Document: Gamma", "\nRewrite the document in other words:"],
+        ("Gamma", "qa"): ["\nDocument: Gamma", "Question:\nAnswer: bread", ""],
+    }
+    calls = []
+
+    def fake_generate(backbone, prompts, decode, adapter=None, stop=""):
+        calls.append((len(prompts), decode.do_sample, decode.seed, decode.max_new_tokens, adapter))
+        attempt = decode.seed - settings.seed
+        kind = ["qa" if p.endswith("Question:") else "para" for p in prompts]
+        return [script[(p.split()[1], k)][attempt] for p, k in zip(prompts, kind)]
+
+    monkeypatch.setattr(prag, "generate", fake_generate)
+    alpha, beta, gamma = augment_documents(bare[0], docs, "en", settings)
+    assert calls == [(6, False, 5, 64, None), (4, True, 6, 64, None), (3, True, 7, 64, None)]
+    assert alpha == {"paraphrases": ["A kettle that heats water."], "lang": "en", "attempts": 1, "failed": [],
+                     "qa": [{"question": "What does it boil?", "answer": "Water."},
+                            {"question": "Which kettle?", "answer": "Alpha."}]}
+    assert beta["paraphrases"] == ["A blender for ice."] and beta["attempts"] == 3 and beta["failed"] == []
+    assert beta["qa"] == [{"question": "What does it crush?", "answer": "Ice."},
+                          {"question": "Which brand?", "answer": "Beta."}]
+    assert gamma["paraphrases"] == [] and gamma["qa"] == [] and gamma["attempts"] == 3
+    assert {(f["kind"], f["reason"]) for f in gamma["failed"]} == {
+        ("paraphrase", "prompt scaffolding only"), ("qa", "empty")}
+    tally("augmentation outputs rejected", 9)
+
+    assert parse_qa("什么颜色？\n回答：蓝色。\n问题：多重？\n答案：2公斤\n文档：下一篇", "zh") == [
+        {"question": "什么颜色？", "answer": "蓝色。"}, {"question": "多重？", "answer": "2公斤"}]
+    assert prag.clean_paraphrase("Same text.", "same  text.", [], "en") == ("", "a copy of the document")
+    zh = {"lang": "zh", "paraphrases": ["改写"], "qa": [{"question": "问", "answer": "答"}]}
+    assert training_texts("文档", zh) == ["文档", "改写", "文档\n问题：问\n回答：答"]
+
+
+def test_every_document_adapter_starts_from_the_one_saved_init(bare, trained):
+    bb = bare[0]
+    stamp = (trained.init_path.stat().st_mtime_ns, trained.init_hash)
+    again = DocumentAdapterCache(trained.dir, bb, replace(TINY, learning_rate=1e-3, epochs=2))
+    assert again.init_path == trained.init_path and (again.init_path.stat().st_mtime_ns, again.init_hash) == stamp
+    reseeded = DocumentAdapterCache(trained.dir, bb, replace(TINY, seed=1))
+    assert reseeded.init_path != trained.init_path  # another seed, another init (beside, not over, the first)
+    assert len(list(trained.dir.glob("init-*.safetensors"))) == 2
+    metas = [json.loads((trained.adapter_dir(t, "en") / META).read_text()) for _, t in DOCS]
+    assert {m["init"] for m in metas} == {trained.init_hash}
+
+    # with a vanishing learning rate a trained adapter is its starting point: it must be the saved init
+    still = replace(TINY, learning_rate=1e-12)
+    starts = [train_document_adapter(bb, t, {"lang": "en"}, still, trained.init_state)["state"] for _, t in DOCS[:2]]
+    fresh = make_init_state(bb, replace(TINY, seed=1))
+    a_keys = [k for k in trained.init_state if ".lora_A." in k]
+    assert a_keys and all(torch.allclose(s[k], trained.init_state[k], atol=1e-8) for s in starts for k in a_keys)
+    assert not any(torch.allclose(fresh[k], trained.init_state[k]) for k in a_keys)
+    assert not isinstance(bb.model, PeftModel)

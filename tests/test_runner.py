@@ -97,7 +97,7 @@ def test_chain_ablations_rows_figures_and_tables(tiny_run):
     by = {(r["variant"], r["dataset"]): r for r in rows}
     shared, separate = by[("bsharedrag", "epqa")], by[("separate_backbones", "epqa")]
     assert separate["bleu3"] == shared["bleu3"] and separate["inference_memory_mb"] > 1.5 * shared["inference_memory_mb"]
-    assert by[("closed_book", "epqa")]["ndcg@5"] is None and 0 <= by[("fully_shared_0.5", "epqa")]["ndcg@5"] <= 1
+    assert by[("closed_book", "epqa")].get("ndcg@5") is None and 0 <= by[("fully_shared_0.5", "epqa")]["ndcg@5"] <= 1
     assert by[("prag_parametric", "ecomeval")]["documents_encoded"] + by[("prag_parametric", "ecomeval")][
         "documents_reused"] > 0
     for r in rows:

@@ -231,6 +231,20 @@ def generation_scores(ab: Ablation, bb: Backbone, generator_dir: Path, rankings:
         ab.out_dir / "variants" / tag, ab.run_seed).items()}
 
 
+def from_06(ab: Ablation, system: str, generation: Component) -> dict | None:
+    """06's generation metrics of `system` where 06 computed exactly what 07 would: the run's generation adapter, the
+    same questions and decoding (greedy), documents from the same retriever; None where anything differs."""
+    s06 = ab.cfg.get("06_evaluate", {})
+    same = (generation.path == ab.run_dir / "04_generator" / "adapters" / GENERATION_ADAPTER
+            and s06.get("generation_questions") == ab.questions and not s06.get("do_sample")
+            and all(s06.get(f"max_new_tokens_{lang}") == d.max_new_tokens and not d.do_sample
+                    for lang, d in ab.decode.items())
+            and system in s06.get("generation_systems", [])
+            and (system == "closed_book" or s06.get("generation_retriever") == "bsharedrag"))
+    found = ab.run_metrics("06_evaluate").get("generation", {}) if same else {}
+    return {name: found[name][system] for name in ab.sets} if all(system in found.get(n, {}) for n in ab.sets) else None
+
+
 def backbone_mb(bb: Backbone) -> float:
     """The backbone's own weights, without any adapter it carries."""
     return sum(p.numel() * p.element_size() for n, p in bb.model.named_parameters() if "lora_" not in n) / 2**20
@@ -269,7 +283,8 @@ def adapted_variant(ab: Ablation, variant: str, seed: int, cpt: bool, negatives:
     system = "bsharedrag" if negatives == "hard" else "bsharedrag_random_negatives"
     tag = f"{variant}/seed{seed}"
     scores, rankings, retrieve_s = retrieval_scores(ab, bb, system, None if reuse else retrieval.path.parent, tag)
-    answers = generation_scores(ab, bb, generation.path, rankings, tag)
+    answers = (reuse and negatives == "hard" and from_06(ab, "bsharedrag", generation)) or \
+        generation_scores(ab, bb, generation.path, rankings, tag)
     costs = {"trainable_parameters": retrieval.trainable + generation.trainable,
              "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path) + folder_mb(generation.path),
              "training_seconds": retrieval.seconds + generation.seconds, "retrieve_s": retrieve_s}
@@ -326,7 +341,8 @@ def base_rag_variant(ab: Ablation, seed: int) -> list[dict]:
     reuse = retrieval.path.parent == ab.run_dir / "03_retriever" / "adapters"
     tag = f"base_rag/seed{seed}"
     scores, rankings, retrieve_s = retrieval_scores(ab, bb, "bsharedrag", None if reuse else retrieval.path.parent, tag)
-    answers = generation_scores(ab, bb, generation.path, rankings, tag, system="base_rag")
+    answers = (reuse and from_06(ab, "base_rag", generation)) or \
+        generation_scores(ab, bb, generation.path, rankings, tag, system="base_rag")
     costs = {"trainable_parameters": retrieval.trainable, "training_seconds": retrieval.seconds,
              "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path), "retrieve_s": retrieve_s}
     return _rows("base_rag", seed, scores, answers, costs)
@@ -335,7 +351,8 @@ def base_rag_variant(ab: Ablation, seed: int) -> list[dict]:
 def closed_book_variant(ab: Ablation, seed: int) -> list[dict]:
     generation = generation_adapter(ab, True, seed)
     bb = ab.load(True)
-    answers = generation_scores(ab, bb, generation.path, None, f"closed_book/seed{seed}")
+    answers = from_06(ab, "closed_book", generation) or \
+        generation_scores(ab, bb, generation.path, None, f"closed_book/seed{seed}")
     costs = {"trainable_parameters": generation.trainable, "training_seconds": generation.seconds,
              "inference_memory_mb": backbone_mb(bb) + folder_mb(generation.path)}
     return _rows("closed_book", seed, None, answers, costs)

@@ -190,3 +190,21 @@ def test_adapters_switch_on_one_backbone_exactly_as_if_each_were_alone(small_eco
         attach_generation_adapter(other, tmp_path / "generation")
     with pytest.raises(FileNotFoundError, match="04_generator"):
         attach_generation_adapter(other, tmp_path / "nowhere")
+
+
+def test_checkpoints_of_other_examples_or_settings_are_moved_aside_not_resumed(small_ecomeval, tmp_path, capsys,
+                                                                                 tally):
+    examples = training_examples(small_ecomeval, {}, TINY, fresh().tokenizer, "{title}: {text}")[:4]
+    settings = GeneratorSettings(**{**TINY.__dict__, "steps": 2, "save_every": 2})
+    ck = tmp_path / "ck"
+    train_generation_adapter(fresh(), examples, settings, ck)
+    assert train_generation_adapter(fresh(), examples, settings, ck)["resumed"]
+    tally("runs resumed")
+    for label, e, s in [("data", examples[1:], settings),
+                        ("settings.lora_r", examples[1:], GeneratorSettings(**{**settings.__dict__, "lora_r": 2}))]:
+        capsys.readouterr()
+        out = train_generation_adapter(fresh(), e, s, ck)
+        tally("faults injected")
+        assert not out["resumed"] and out["steps"] == 2, label
+        assert f"checkpoint at {ck} was made with another {label};" in capsys.readouterr().out
+        assert list((tmp_path / "ck.stale").glob("checkpoint-2"))

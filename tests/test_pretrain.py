@@ -183,3 +183,25 @@ def test_backbone_for_run_points_at_this_runs_pretrained_backbone(tmp_path, tall
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     assert backbone_for_run("gemma3-270m", tmp_path, use_pretrained=True) == str(tmp_path / "01_pretrain" / "backbone")
+
+
+def test_a_checkpoint_of_other_settings_backbone_or_data_is_moved_aside_not_resumed(packed, tmp_path, fresh,
+                                                                                      capsys, tally):
+    settings = PretrainSettings(lora_r=4, block_size=32, steps=2, batch_size=2, save_every=2)
+    first = continue_pretraining(fresh(), packed, settings, tmp_path / "ck")
+    assert continue_pretraining(fresh(), packed, settings, tmp_path / "ck")["resumed_from"] == 2
+    tally("runs resumed")
+    fewer = pretrain.PackedMix(packed.domain[:-1], packed.general, packed.heldout, packed.counts)
+    other = fresh()
+    other.fingerprint = "another-backbone"
+    changed = PretrainSettings(**{**settings.__dict__, "learning_rate": 1e-3})
+    # Each run changes one thing from the run before it, whose checkpoint it finds.
+    for label, bb, blocks, s in [("settings.learning_rate", fresh(), packed, changed), ("data", fresh(), fewer, changed),
+                                 ("backbone", other, fewer, changed)]:
+        out = continue_pretraining(bb, blocks, s, tmp_path / "ck")
+        tally("faults injected")
+        assert out["resumed_from"] == 0 and out["steps"] == 2, label
+        assert f"starting fresh: the checkpoint at {tmp_path / 'ck' / 'latest'} was made with another {label};" \
+            in capsys.readouterr().out
+        assert (tmp_path / "ck" / "latest.stale" / "state.pt").is_file()
+    assert first["steps"] == 2

@@ -92,3 +92,27 @@ def test_training_lowers_the_loss_and_the_adapter_round_trips(tmp_path, small_ep
     other = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=5)
     with pytest.raises(ValueError, match="was trained on backbone .* retrain the adapter"):
         attach_retrieval_adapter(other, target)
+
+
+def test_a_checkpoint_of_other_settings_or_groups_is_moved_aside_not_resumed(tmp_path, small_epqa, mined, capsys,
+                                                                              tally):
+    settings = RetrieverSettings(lora_r=4, steps=2, batch_size=2, n_negatives=2, passage_max_length=32,
+                                 query_max_length=16, save_every=2)
+    doc_text = dict(zip(small_epqa.corpus["doc_id"], small_epqa.passages()))
+    groups = mined[0][:4]
+    ck = tmp_path / "ckpt"
+    first = train_retrieval_adapter(load_backbone("tiny-random-gemma3", compute_dtype="float32"), groups, doc_text,
+                                    settings, checkpoint_dir=ck)
+    again = train_retrieval_adapter(load_backbone("tiny-random-gemma3", compute_dtype="float32"), groups, doc_text,
+                                    settings, checkpoint_dir=ck)
+    assert again["losses"] == first["losses"] and "resumed retriever training at step 2" in capsys.readouterr().out
+    tally("runs resumed")
+    changed = RetrieverSettings(**{**settings.__dict__, "temperature": 0.1})
+    # Each run changes one thing from the run before it, whose checkpoint it finds.
+    for label, g, s in [("settings.temperature", groups, changed), ("data", mined[0][1:5], changed)]:
+        out = train_retrieval_adapter(load_backbone("tiny-random-gemma3", compute_dtype="float32"), g, doc_text, s,
+                                      checkpoint_dir=ck)
+        tally("faults injected")
+        said = capsys.readouterr().out
+        assert f"was made with another {label};" in said and "resumed" not in said, label
+        assert len(out["losses"]) == 2 and (ck / "latest.stale" / "state.pt").is_file()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,49 @@ def sha256_texts(items: list[str]) -> str:
         digest.update(item.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-serialisable object (training groups, examples), independent of key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()
+
+
+CHECKPOINT_FINGERPRINT = "fingerprint.json"
+RESUME_NEUTRAL = ("save_every",)  # settings that change when a checkpoint is written, not what training computes
+
+
+def training_fingerprint(settings: Any, data: str, **identity: str) -> dict:
+    """What a training checkpoint must match to be resumed: the settings dataclass, a hash of the training data, and
+    the identity of what is trained (backbone=..., tokenizer=...)."""
+    kept = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESUME_NEUTRAL}
+    return json.loads(json.dumps({"settings": kept, "data": data, **identity}, sort_keys=True, default=str))
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    names = [f"settings.{k}" for k in sorted(set(saved.get("settings", {})) | set(now["settings"]))
+             if saved.get("settings", {}).get(k) != now["settings"].get(k)]
+    return names + [k for k in sorted(set(saved) | set(now)) if k != "settings" and saved.get(k) != now.get(k)]
+
+
+def resumable_checkpoint(folder: str | Path, fingerprint: dict, say: Callable[[str], None] = print) -> bool:
+    """True when `folder` holds a checkpoint saved with `fingerprint`; one saved with anything else (or with no
+    fingerprint) is moved aside to `<folder>.stale`, with one line saying why training starts fresh."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    try:
+        saved = json.loads((folder / CHECKPOINT_FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved == fingerprint:
+        return True
+    why = "records no fingerprint" if not isinstance(saved, dict) else \
+        f"was made with another {', '.join(_differences(saved, fingerprint))}"
+    stale = folder.with_name(f"{folder.name}.stale")
+    shutil.rmtree(stale, ignore_errors=True)
+    os.replace(folder, stale)
+    say(f"starting fresh: the checkpoint at {folder} {why}; moved it to {stale}")
+    return False
 
 
 def record(metrics: dict, step_dir: str | Path) -> dict:

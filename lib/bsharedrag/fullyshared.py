@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artefacts import atomic_write_json
+from .artefacts import atomic_write_json, sha256_json
 from .backbone import Backbone
 from .generator import META as GENERATOR_META
 from .generator import GeneratorSettings
@@ -72,7 +72,8 @@ def train_fully_shared(backbone: Backbone, lam: float, groups: list[dict], doc_t
     lam = check_lambda(lam)
     return train_retrieval_adapter(
         backbone, groups, doc_text, retriever, checkpoint_dir, retrieval_weight=lam,
-        auxiliary=generation_loss(examples, backbone.tokenizer, generator.batch_size, 1.0 - lam, retriever.seed))
+        auxiliary=generation_loss(examples, backbone.tokenizer, generator.batch_size, 1.0 - lam, retriever.seed),
+        auxiliary_data=sha256_json([examples, generator.batch_size]))
 
 
 def save_fully_shared(backbone: Backbone, lam: float, retriever: RetrieverSettings, generator: GeneratorSettings,

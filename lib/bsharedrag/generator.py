@@ -14,6 +14,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from . import adapters
+from .artefacts import CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
+    training_fingerprint
 from .backbone import Backbone
 from .data import RetrievalDataset
 from .devices import autocast
@@ -157,14 +159,22 @@ def _answer_only_trainer():
 
 def train_generation_adapter(backbone: Backbone, examples: list[dict], settings: GeneratorSettings,
                              checkpoint_dir: str | Path) -> dict:
-    """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint."""
+    """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint.
+
+    Checkpoints made with other settings, backbone, tokenizer or examples are moved aside and training starts fresh.
+    """
     from datasets import Dataset
     from trl import SFTConfig
 
     if not examples:
         raise ValueError("no training examples: no training question has a reference answer; check the data set")
-    model = add_generation_adapter(backbone, settings)
     checkpoint_dir = Path(checkpoint_dir)
+    # The Trainer owns the checkpoint-N folders, so the fingerprint lies beside them, in their output_dir.
+    fingerprint = training_fingerprint(settings, sha256_json(examples), backbone=backbone.fingerprint,
+                                       tokenizer=backbone.tokenizer_fingerprint)
+    resumable_checkpoint(checkpoint_dir, fingerprint)
+    atomic_write_json(checkpoint_dir / CHECKPOINT_FINGERPRINT, fingerprint)
+    model = add_generation_adapter(backbone, settings)
     bf16 = backbone.dtype == torch.bfloat16
     args = SFTConfig(
         output_dir=str(checkpoint_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,

@@ -6,6 +6,7 @@ before and after. Scales out unchanged under `accelerate launch` (see `main`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -21,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from . import paths
-from .artefacts import atomic_dir, atomic_write_json
+from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, resumable_checkpoint, training_fingerprint
 from .backbone import Backbone
 from .devices import autocast
 from .lm import causal_lm_loss, causal_lm_nll
@@ -286,11 +287,23 @@ def _weights(model: torch.nn.Module) -> dict:
     return model.state_dict()
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses: list[float], seconds: float) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses: list[float], seconds: float,
+                     fingerprint: dict) -> None:
     with atomic_dir(path) as staging:
+        atomic_write_json(staging / CHECKPOINT_FINGERPRINT, fingerprint)
         torch.save({"weights": _weights(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": step, "losses": losses, "seconds": seconds},
                    staging / "state.pt")
+
+
+def checkpoint_fingerprint(backbone: Backbone, packed: PackedMix, settings: PretrainSettings) -> dict:
+    """What a pre-training checkpoint must match to be resumed: settings, backbone, tokenizer and the packed blocks."""
+    digest = hashlib.sha256()
+    for blocks in (packed.domain, packed.general):
+        digest.update(str(tuple(blocks.shape)).encode())
+        digest.update(blocks.contiguous().numpy().tobytes())
+    return training_fingerprint(settings, digest.hexdigest(), backbone=backbone.fingerprint,
+                                tokenizer=backbone.tokenizer_fingerprint)
 
 
 def merge_into_backbone(backbone: Backbone) -> None:
@@ -306,11 +319,13 @@ def continue_pretraining(backbone: Backbone, packed: PackedMix, settings: Pretra
                          merge: bool = True) -> dict:
     """Train on `packed` for `settings.steps` steps, resuming from checkpoint_dir/latest if there; merge a LoRA after.
 
-    Returns the loss per step, seconds (all sessions), tokens trained on, trainable parameters, the resumed step.
+    A checkpoint made with other settings, backbone, tokenizer or training blocks is moved aside and training starts
+    fresh. Returns the loss per step, seconds (all sessions), tokens trained on, trainable parameters, the resumed step.
     """
     if accelerator is None:
         mixed = "bf16" if backbone.dtype == torch.bfloat16 else "fp16" if backbone.dtype == torch.float16 else "no"
         accelerator = Accelerator(mixed_precision=mixed, cpu=backbone.device.type == "cpu")
+    fingerprint = checkpoint_fingerprint(backbone, packed, settings)
     model = prepare_model(backbone, settings)
     model.train()
     trainable = trainable_parameters(model)
@@ -322,6 +337,9 @@ def continue_pretraining(backbone: Backbone, packed: PackedMix, settings: Pretra
     lm, optimizer = accelerator.prepare(LanguageModelLoss(model), optimizer)
     start, losses, seconds = 0, [], 0.0
     latest = Path(checkpoint_dir) / "latest" if checkpoint_dir else None
+    if latest is not None and accelerator.is_main_process:
+        resumable_checkpoint(latest, fingerprint, accelerator.print)  # moves a stale checkpoint aside
+    accelerator.wait_for_everyone()
     if latest is not None and (latest / "state.pt").is_file():
         state = torch.load(latest / "state.pt", weights_only=False)
         if isinstance(model, PeftModel):
@@ -348,7 +366,8 @@ def continue_pretraining(backbone: Backbone, packed: PackedMix, settings: Pretra
         done = step + 1
         if latest is not None and settings.save_every and (done % settings.save_every == 0 or done == settings.steps):
             if accelerator.is_main_process:
-                _save_checkpoint(latest, model, optimizer, scheduler, done, losses, time.perf_counter() - began)
+                _save_checkpoint(latest, model, optimizer, scheduler, done, losses, time.perf_counter() - began,
+                                 fingerprint)
             accelerator.wait_for_everyone()
     if merge:
         merge_into_backbone(backbone)

@@ -19,7 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from transformers import get_linear_schedule_with_warmup
 
 from . import adapters
-from .artefacts import atomic_dir
+from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, resumable_checkpoint, sha256_json, \
+    training_fingerprint
 from .backbone import Backbone, body_pool, pad_rows, tokenize_for_embedding
 from .progress import progress
 
@@ -164,23 +165,35 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
 
 
 def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float],
-                     history: list[dict], auxiliary_losses: list[float]) -> None:
+                     history: list[dict], auxiliary_losses: list[float], fingerprint: dict) -> None:
     with atomic_dir(path) as staging:
+        atomic_write_json(staging / CHECKPOINT_FINGERPRINT, fingerprint)
         torch.save({"adapter": get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "losses": losses, "history": history, "auxiliary_losses": auxiliary_losses},
                    staging / "state.pt")
 
 
+def checkpoint_fingerprint(backbone: Backbone, groups: list[dict], doc_text: dict[str, str],
+                           settings: RetrieverSettings, **extra) -> dict:
+    """What a retriever checkpoint must match to be resumed: settings, backbone, tokenizer, groups and their texts."""
+    named = sorted({d for g in groups for d in (*g["positives"], *g["negatives"])})
+    data = sha256_json([groups, [(d, doc_text.get(d)) for d in named]])
+    return training_fingerprint(settings, data, backbone=backbone.fingerprint,
+                                tokenizer=backbone.tokenizer_fingerprint, **extra)
+
+
 def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: dict[str, str],
                             settings: RetrieverSettings, checkpoint_dir: str | Path | None = None,
                             validate=None, validate_every: int = 0, accelerator: Accelerator | None = None,
-                            retrieval_weight: float = 1.0, auxiliary=None) -> dict:
+                            retrieval_weight: float = 1.0, auxiliary=None, auxiliary_data: str = "") -> dict:
     """Train the `retrieval` LoRA on `groups` for `settings.steps` steps; resumes from checkpoint_dir if one is there.
 
-    Returns the loss per step and the validation results `validate(step)` gave every `validate_every` steps.
+    A checkpoint made with other settings, backbone, tokenizer or training data is moved aside and training starts
+    fresh. Returns the loss per step and the validation results `validate(step)` gave every `validate_every` steps.
     `auxiliary(step, model, accelerator)`, if given, backpropagates a second loss into the same LoRA each step and
-    returns its value; the retrieval loss is then weighted by `retrieval_weight` (Fully Shared RAG's lambda).
+    returns its value; the retrieval loss is then weighted by `retrieval_weight` (Fully Shared RAG's lambda), and
+    `auxiliary_data` (a hash of what it trains on) joins the checkpoint's fingerprint.
     """
     if not groups:
         raise ValueError("no training groups: every question lacked a positive; check the split and the qrels")
@@ -197,6 +210,11 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
     start, losses, history, auxiliary_losses = 0, [], [], []
     latest = Path(checkpoint_dir) / "latest" if checkpoint_dir else None
+    fingerprint = checkpoint_fingerprint(backbone, groups, doc_text, settings, retrieval_weight=retrieval_weight,
+                                         auxiliary=auxiliary_data if auxiliary is not None else None)
+    if latest is not None and accelerator.is_main_process:
+        resumable_checkpoint(latest, fingerprint, accelerator.print)  # moves a stale checkpoint aside
+    accelerator.wait_for_everyone()
     if latest is not None and (latest / "state.pt").is_file():
         state = torch.load(latest / "state.pt", weights_only=False)
         set_peft_model_state_dict(model, state["adapter"], adapter_name=RETRIEVAL_ADAPTER)
@@ -227,7 +245,8 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
             history.append({"step": done, **validate(done)})
             model.train()
         if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
-            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history, auxiliary_losses)
+            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history, auxiliary_losses,
+                             fingerprint)
     model.eval()
     return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
             "processes": accelerator.num_processes, "auxiliary_losses": auxiliary_losses}

@@ -1,6 +1,8 @@
 """The generation adapter: prompts, training examples, answer-only SFT with trl, resume, and adapter switching on one
 shared backbone (never merged)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -112,10 +114,16 @@ def test_answer_only_loss_training_and_resume_equal_an_uninterrupted_run(small_e
         train_generation_adapter(broken, examples, settings, tmp_path / "killed")
     tally("faults injected")
     monkeypatch.undo()
+    # A kill while the Trainer wrote checkpoint-4 in place: weights there, trainer_state.json (written last) not yet.
+    partial = tmp_path / "killed" / "checkpoint-4"
+    shutil.copytree(tmp_path / "killed" / "checkpoint-2", partial)
+    (partial / "trainer_state.json").unlink()
+    tally("faults injected")
     resumed = fresh()
     again = train_generation_adapter(resumed, examples, settings, tmp_path / "killed")
     tally("runs resumed")
-    assert again["resumed"] and again["steps"] == 4
+    assert again["resumed"] and again["steps"] == 4 and len(again["losses"]) == 4
+    assert (partial / "trainer_state.json").is_file()  # rewritten whole by the resumed run
     a, b = _lora(whole.model), _lora(resumed.model)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     tally("artefacts compared")

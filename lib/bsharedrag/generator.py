@@ -4,7 +4,9 @@ loss on the answer only), prompts per language, and deterministic decoding."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,6 +159,21 @@ def _answer_only_trainer():
     return AnswerOnlySFTTrainer
 
 
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` the Trainer finished writing; ones a kill cut short (no readable trainer_state.json,
+    which the Trainer writes last) are removed, so they are neither resumed nor mistaken for complete later."""
+    complete = []
+    for folder in checkpoint_dir.glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append(folder)
+        except (OSError, ValueError):
+            print(f"removing {folder}: its save was cut short (no readable trainer_state.json)")
+            shutil.rmtree(folder, ignore_errors=True)
+    steps = {int(f.name.rsplit("-", 1)[1]): f for f in complete if f.name.rsplit("-", 1)[1].isdigit()}
+    return steps[max(steps)] if steps else None
+
+
 def train_generation_adapter(backbone: Backbone, examples: list[dict], settings: GeneratorSettings,
                              checkpoint_dir: str | Path) -> dict:
     """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint.
@@ -188,12 +205,12 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
     )
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=backbone.tokenizer)
-    resume = any(checkpoint_dir.glob("checkpoint-*")) if settings.save_every else False
+    resume = last_complete_checkpoint(checkpoint_dir) if settings.save_every else None
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     model.eval()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"losses": losses, "seconds": time.perf_counter() - began, "resumed": resume,
+    return {"losses": losses, "seconds": time.perf_counter() - began, "resumed": resume is not None,
             "steps": trainer.state.global_step}
 
 

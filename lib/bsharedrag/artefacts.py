@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -105,12 +106,45 @@ def record(metrics: dict, step_dir: str | Path) -> dict:
     return metrics
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _recover(target: Path) -> None:
+    """Undo what a kill inside an earlier atomic_dir of `target` left: restore its `.old`, sweep dead staging folders."""
+    old = target.with_name(f".{target.name}.old")
+    if old.is_dir():
+        if target.exists():  # killed after the swap, before the clean-up: the old copy is garbage
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # killed between the two renames: the old copy is the last complete one
+            os.replace(old, target)
+    prefix = f".{target.name}."
+    for entry in target.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        middle = entry.name[len(prefix):-len(".tmp")]
+        if not entry.is_dir() or "." in middle:  # a file (atomic_write_*), or the staging of another target
+            continue
+        pid = middle.split("-", 1)[0]
+        if not (pid.isdigit() and _pid_alive(int(pid))):  # its writer is gone; a live writer keeps its folder
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a staging folder beside `target`; on success it replaces `target` whole, on failure it is removed."""
+    """Yield a staging folder beside `target`; on success it replaces `target` whole, on failure it is removed.
+
+    Entering first repairs what a kill (SIGKILL, power loss) inside an earlier call left: a missing `target` is
+    restored from its `.old` copy, and staging folders whose writer process is gone are removed.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _recover(target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}-", suffix=".tmp"))
     try:
         yield staging
         if target.exists():

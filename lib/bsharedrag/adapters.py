@@ -10,6 +10,8 @@ from peft import PeftModel
 from .artefacts import atomic_dir, atomic_write_json, sha256_file
 from .backbone import Backbone
 
+WEIGHTS = "adapter_model.safetensors"
+
 
 def save_adapter(backbone: Backbone, name: str, target: str | Path, meta_file: str, meta: dict) -> Path:
     """Save adapter `name` alone (a few MB) into `target` with `meta_file`: `meta` plus the backbone it was trained on."""
@@ -40,7 +42,7 @@ def read_meta(adapter_dir: str | Path, meta_file: str, made_by: str) -> dict:
 def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_file: str, made_by: str) -> dict:
     """Attach a saved adapter to `backbone` under `name` (replacing one of that name) and make it the active one.
 
-    Refuses an adapter trained on another backbone; returns its metadata.
+    Refuses an adapter trained on another backbone or tokenizer; returns its metadata.
     """
     meta = read_meta(adapter_dir, meta_file, made_by)
     if meta["backbone_fingerprint"] != backbone.fingerprint:
@@ -48,6 +50,12 @@ def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_
             f"the adapter at {adapter_dir} was trained on backbone {meta['backbone']} (fingerprint "
             f"{meta['backbone_fingerprint']}), but the loaded backbone is {backbone.name} ({backbone.fingerprint}); "
             f"load that backbone or retrain the adapter with {made_by}"
+        )
+    if meta.get("tokenizer", backbone.tokenizer_fingerprint) != backbone.tokenizer_fingerprint:
+        raise ValueError(
+            f"the adapter at {adapter_dir} was trained with tokenizer {meta['tokenizer']}, but {backbone.name} now "
+            f"loads tokenizer {backbone.tokenizer_fingerprint}; load the tokenizer it was trained with or retrain "
+            f"the adapter with {made_by}"
         )
     if isinstance(backbone.model, PeftModel):
         if name in backbone.model.peft_config:
@@ -62,7 +70,7 @@ def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_
 
 def adapter_identity(adapter_dir: str | Path, kind: str) -> str:
     """`<kind>:<sha256 of the adapter weights>`: what manifests record as the adapter."""
-    return f"{kind}:{sha256_file(Path(adapter_dir) / 'adapter_model.safetensors')[:16]}"
+    return f"{kind}:{sha256_file(Path(adapter_dir) / WEIGHTS)[:16]}"
 
 
 class AdapterSwitch:

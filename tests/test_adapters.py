@@ -1,0 +1,43 @@
+"""A saved adapter attaches only to the backbone and tokenizer it was trained with, and only when its weights are whole."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from bsharedrag.backbone import Backbone, tiny_random_model
+from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, \
+    save_retrieval_adapter
+
+
+@pytest.fixture
+def fresh(tiny_backbone):
+    """A new tiny model (the same random weights every time) on the session's tokenizer, which is slow to load."""
+
+    def make() -> Backbone:
+        model = tiny_random_model("gemma3", tiny_backbone.tokenizer, seed=0).eval()
+        return Backbone("tiny-random-gemma3", model, tiny_backbone.tokenizer, tiny_backbone.device, torch.float32)
+
+    return make
+
+
+@pytest.fixture
+def saved(fresh, tmp_path):
+    bb = fresh()
+    add_retrieval_adapter(bb, RetrieverSettings(lora_r=4))
+    return save_retrieval_adapter(bb, RetrieverSettings(lora_r=4), tmp_path / "adapter")
+
+
+def test_an_adapter_saved_with_another_tokenizer_is_refused(saved, fresh, tally):
+    meta = json.loads((saved / "retriever.json").read_text())
+    (saved / "retriever.json").write_text(json.dumps({**meta, "tokenizer": "0123456789abcdef"}))
+    tally("bad inputs tried")
+    bb = fresh()
+    with pytest.raises(ValueError, match=r"trained with tokenizer 0123456789abcdef.*retrain the adapter with "
+                                         r"03_retriever"):
+        attach_retrieval_adapter(bb, saved)
+    assert not isinstance(bb.model, PeftModel)
+    (saved / "retriever.json").write_text(json.dumps(meta))
+    attach_retrieval_adapter(bb, saved)  # the tokenizer it was trained with: attached
+    assert isinstance(bb.model, PeftModel)

@@ -1,6 +1,7 @@
 """A saved adapter attaches only to the backbone and tokenizer it was trained with, and only when its weights are whole."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -41,3 +42,19 @@ def test_an_adapter_saved_with_another_tokenizer_is_refused(saved, fresh, tally)
     (saved / "retriever.json").write_text(json.dumps(meta))
     attach_retrieval_adapter(bb, saved)  # the tokenizer it was trained with: attached
     assert isinstance(bb.model, PeftModel)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_truncated_or_missing_weights_file_names_the_file_and_the_step_that_rebuilds_it(saved, fresh, damage,
+                                                                                           tally):
+    weights = saved / "adapter_model.safetensors"
+    if damage == "truncated":  # as a copy or a disk that ran out half way leaves it
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        weights.unlink()
+    tally("bad inputs tried")
+    bb = fresh()
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}.*{damage}.*retrain the adapter with 03_retriever "
+                                         r"\(python -m bsharedrag.run CONFIG --only 03 --resume RUN_ID\)"):
+        attach_retrieval_adapter(bb, saved)
+    assert not isinstance(bb.model, PeftModel)  # refused before the backbone was touched

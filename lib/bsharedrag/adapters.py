@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 
 from .artefacts import atomic_dir, atomic_write_json, sha256_file
 from .backbone import Backbone
@@ -39,10 +40,25 @@ def read_meta(adapter_dir: str | Path, meta_file: str, made_by: str) -> dict:
     return json.loads((adapter_dir / meta_file).read_text())
 
 
+def check_weights(adapter_dir: str | Path, made_by: str) -> None:
+    """Refuse an adapter whose weights file is missing, truncated or damaged, naming it and the step that rebuilds it."""
+    weights = Path(adapter_dir) / WEIGHTS
+    try:
+        with safe_open(str(weights), "pt") as fh:  # checks the header and that the data covers the whole file
+            fh.keys()
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(
+            f"the adapter weights {weights} cannot be read ({exc}): the file is missing, truncated or damaged. "
+            f"Delete {adapter_dir} and retrain the adapter with {made_by} "
+            f"(python -m bsharedrag.run CONFIG --only {made_by[:2]} --resume RUN_ID)"
+        ) from exc
+
+
 def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_file: str, made_by: str) -> dict:
     """Attach a saved adapter to `backbone` under `name` (replacing one of that name) and make it the active one.
 
-    Refuses an adapter trained on another backbone or tokenizer; returns its metadata.
+    Refuses an adapter trained on another backbone or tokenizer, or whose weights file is unreadable, before it
+    touches the backbone; returns its metadata.
     """
     meta = read_meta(adapter_dir, meta_file, made_by)
     if meta["backbone_fingerprint"] != backbone.fingerprint:
@@ -57,6 +73,7 @@ def attach_adapter(backbone: Backbone, adapter_dir: str | Path, name: str, meta_
             f"loads tokenizer {backbone.tokenizer_fingerprint}; load the tokenizer it was trained with or retrain "
             f"the adapter with {made_by}"
         )
+    check_weights(adapter_dir, made_by)
     if isinstance(backbone.model, PeftModel):
         if name in backbone.model.peft_config:
             backbone.model.delete_adapter(name)

@@ -124,3 +124,49 @@ def test_add_replace_delete_by_doc_id_equals_a_rebuild(tmp_path, factory):
         load_dense_index(tmp_path / "live", expected={"corpus_hash": "before"})
     with pytest.raises(KeyError, match="d0"):
         update_dense_index(tmp_path / "live", {}, ["d0"], "again", {"encoder": "x"})
+
+
+def _toy(docs):
+    import pandas as pd
+
+    from bsharedrag.data import RetrievalDataset
+
+    corpus = pd.DataFrame([(d, t, x, "en") for d, t, x in docs], columns=["doc_id", "title", "text", "lang"])
+    queries = pd.DataFrame({"qid": ["q1"], "text": ["drawer"], "split": ["test"]})
+    return RetrievalDataset("toy", "en", corpus, queries, {"q1": {"a": 1}})
+
+
+GOOD = [("a", "Drawer", "the crisper drawer fits"), ("b", "Shirt", "a red cotton t-shirt"), ("c", "", "索尼相机 画质")]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (("d", "", ""), r"document 'd' is empty or whitespace-only.*rebuild the index with 05_index"),
+    (("d", " \t", "\n  "), r"document 'd' is empty or whitespace-only"),
+    (("d", "Title", b"\xff\xfe not utf-8"), r"document 'd': its text is bytes, not text.*decode it to str \(UTF-8\)"),
+    (("a", "Again", "a second document a"), r"doc ids repeat \('a'\).*unique doc_id"),
+])
+def test_a_corpus_with_an_empty_non_text_or_repeated_document_is_refused_before_any_encoding(
+        tmp_path, tiny_backbone, monkeypatch, bad, message, tally):
+    settings = EncodeSettings(max_length=32)
+    build_indexes(_toy(GOOD), ["bm25", "backbone_mean"], tmp_path, settings, tiny_backbone)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "toy").rglob("*")) if p.is_file()}
+    import bsharedrag.systems
+
+    monkeypatch.setattr(bsharedrag.systems, "embed", lambda *a, **k: pytest.fail("encoded a refused corpus"))
+    tally("bad inputs tried")
+    with pytest.raises(ValueError, match=message):
+        build_indexes(_toy(GOOD + [bad]), ["bm25", "backbone_mean"], tmp_path, settings, tiny_backbone)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "toy").rglob("*")) if p.is_file()} == before
+    tally("artefacts compared")
+
+
+@pytest.mark.parametrize("passages, doc_ids, message", [
+    (["one drawer", "two drawers"], ["a", "a"], r"doc ids repeat \('a'\)"),
+    (["one drawer", "   "], ["a", "b"], r"document 'b' is empty or whitespace-only"),
+    (["one drawer", b"two"], ["a", "b"], r"document 'b': its text is bytes"),
+])
+def test_bm25_refuses_repeated_ids_and_empty_or_non_text_passages(tmp_path, passages, doc_ids, message, tally):
+    tally("bad inputs tried")
+    with pytest.raises(ValueError, match=message):
+        build_bm25(passages, doc_ids, "en", tmp_path / "bm25")
+    assert not (tmp_path / "bm25").exists()

@@ -11,7 +11,7 @@ import bm25s
 import numpy as np
 
 from .artefacts import atomic_dir, sha256_texts
-from .index import IndexMismatchError, check_queries
+from .index import IndexMismatchError, check_documents, check_queries
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")
 _CJK = re.compile(r"[\u3400-\u9fff]")
@@ -36,7 +36,11 @@ def bm25_tokens(text: str, lang: str) -> list[str]:
 
 
 def build_bm25(passages: list[str], doc_ids: list[str], lang: str, target: str | Path) -> Path:
-    """Index `passages` with BM25 and save the index, the doc ids and a manifest into `target`, atomically."""
+    """Index `passages` with BM25 and save the index, the doc ids and a manifest into `target`, atomically.
+
+    Refuses repeated doc ids and empty, whitespace-only or non-text passages (see index.check_documents).
+    """
+    check_documents(doc_ids, passages)
     retriever = bm25s.BM25()
     retriever.index([bm25_tokens(p, lang) for p in passages], show_progress=False)
     manifest = {"kind": "bm25", "lang": lang, "corpus_hash": sha256_texts(doc_ids + passages), "count": len(doc_ids)}

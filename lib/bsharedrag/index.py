@@ -31,13 +31,43 @@ def check_queries(queries: list[str]) -> None:
             raise ValueError(f"query {i} is empty or whitespace-only ({q!r}); drop it or give text to search for")
 
 
+def check_doc_ids(doc_ids: list[str]) -> None:
+    """Refuse doc ids that repeat, naming the first few: search results and qrels refer to documents by id."""
+    seen, repeated = set(), []
+    for d in doc_ids:
+        if d in seen and d not in repeated:
+            repeated.append(d)
+        seen.add(d)
+    if repeated:
+        raise ValueError(f"doc ids repeat ({', '.join(map(repr, repeated[:5]))}); every document needs a unique doc_id: "
+                         f"merge or rename the duplicates in the data file, then rebuild the index with 05_index")
+
+
+def check_documents(doc_ids: list[str], texts: list, titles: list | None = None) -> None:
+    """Refuse a corpus to index with repeated doc ids, or a document whose title or text is not `str` or which has no
+    text at all (empty or whitespace-only), naming the document.
+
+    Such a corpus is refused before anything is encoded, never indexed with the bad documents skipped: a skipped
+    document would silently change the corpus (and its hash) that qrels, mining and the saved indexes refer to.
+    """
+    check_doc_ids(doc_ids)
+    for i, (doc_id, text) in enumerate(zip(doc_ids, texts)):
+        title = titles[i] if titles is not None else ""
+        for part, value in (("title", title), ("text", text)):
+            if not isinstance(value, str):
+                raise ValueError(f"document {doc_id!r}: its {part} is {type(value).__name__}, not text ({value!r:.60}); "
+                                 f"decode it to str (UTF-8) where the corpus is read, then rebuild the index")
+        if not (title.strip() or text.strip()):
+            raise ValueError(f"document {doc_id!r} is empty or whitespace-only ({text!r:.60}); drop it from the "
+                             f"corpus or give it text, then rebuild the index with 05_index")
+
+
 def build_dense_index(embeddings: np.ndarray, doc_ids: list[str], manifest: dict, target: str | Path,
                       factory: str = "Flat") -> Path:
     """Index L2-normalised `embeddings` by inner product with faiss `factory` and save it with its manifest."""
     if len(doc_ids) != len(embeddings):
         raise ValueError(f"{len(doc_ids)} doc ids for {len(embeddings)} embeddings")
-    if len(set(doc_ids)) != len(doc_ids):
-        raise ValueError("doc ids repeat; every document needs a unique doc_id")
+    check_doc_ids(doc_ids)
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     # Every document gets a stable int64 id, so it can be deleted or replaced without a rebuild. IVF indexes keep
     # ids themselves; others need the IDMap2 wrapper (which must not wrap IVF: its removal would misnumber them).

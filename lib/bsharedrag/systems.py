@@ -14,7 +14,7 @@ from .backbone import Backbone, embed
 from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
-from .index import build_dense_index, check_queries, load_dense_index, search_dense, to_gpus
+from .index import build_dense_index, check_documents, check_queries, load_dense_index, search_dense, to_gpus
 from .retriever import adapter_identity, attach_retrieval_adapter
 
 BASELINES = ("bm25", "minilm", "backbone_last", "backbone_mean")
@@ -66,8 +66,13 @@ def corpus_hash(ds: RetrievalDataset, passage_format: str) -> str:
 
 def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path, settings: EncodeSettings,
                   backbone: Backbone | None = None) -> pd.DataFrame:
-    """Build and save one index per system under out_dir/<dataset>/<system>; returns a row of costs per system."""
+    """Build and save one index per system under out_dir/<dataset>/<system>; returns a row of costs per system.
+
+    A corpus with repeated doc ids or an empty, whitespace-only or non-text document is refused before anything is
+    encoded or written (see index.check_documents); indexes saved earlier stay as they were.
+    """
     check_systems(systems)
+    check_documents(list(ds.corpus["doc_id"]), list(ds.corpus["text"]), list(ds.corpus["title"]))
     passages = ds.passages(settings.passage_format)
     doc_ids = list(ds.corpus["doc_id"])
     chash = corpus_hash(ds, settings.passage_format)

@@ -38,3 +38,26 @@ def test_backbone_encoder_reuses_its_passage_shards(tiny_backbone, tmp_path):
     assert len(list(tmp_path.rglob("*.npy"))) == 1
     assert np.allclose(enc.encode_passages(texts), first)
     assert np.allclose(BackboneEncoder(tiny_backbone, "mean", max_length=32).encode_passages(texts), first, atol=1e-5)
+
+
+def test_a_cached_shard_of_nans_or_of_another_width_is_encoded_again(tmp_path, monkeypatch, tally):
+    monkeypatch.setattr(embcache, "SHARD", 4)
+
+    def encode(texts):
+        return np.array([[len(t), i, 1.0] for i, t in enumerate(texts)], dtype=np.float32)
+
+    texts = [f"document {i}" for i in range(10)]
+    first = encode_cached(encode, texts, {"encoder": "x"}, tmp_path)
+    shards = sorted(tmp_path.rglob("*.npy"))
+    np.save(shards[0], np.full((4, 3), np.nan, dtype=np.float32))  # right shape, no numbers
+    np.save(shards[1], np.ones((4, 5), dtype=np.float32))  # right rows, another encoder's width
+    tally("bad inputs tried", 2)
+    for dim in (3, None):  # told the width, or taking it from the first shard
+        counts = {}
+        again = encode_cached(encode, texts, {"encoder": "x"}, tmp_path, counts, dim=dim)
+        assert np.array_equal(again, first) and np.isfinite(again).all()
+        tally("artefacts compared")
+        if dim == 3:
+            assert counts == {"reused": 1, "encoded": 2}
+            np.save(shards[2], np.ones((2, 7), dtype=np.float32))  # the last shard wrong: caught by the width of the first
+    assert counts == {"reused": 2, "encoded": 1}

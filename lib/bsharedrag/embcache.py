@@ -16,11 +16,19 @@ from .artefacts import atomic_write_bytes, sha256_texts
 SHARD = 512  # texts per cached shard: what a kill can cost at most
 
 
+def _usable(vectors: np.ndarray, rows: int, dim: int | None) -> bool:
+    """A cached shard is reused only if it holds `rows` finite vectors of `dim` values (any dim when None)."""
+    return (vectors.ndim == 2 and vectors.shape[0] == rows and (dim is None or vectors.shape[1] == dim)
+            and np.issubdtype(vectors.dtype, np.floating) and bool(np.isfinite(vectors).all()))
+
+
 def encode_cached(encode: Callable[[list[str]], np.ndarray], texts: list[str], identity: dict,
-                  cache_dir: str | Path | None, counts: dict | None = None) -> np.ndarray:
+                  cache_dir: str | Path | None, counts: dict | None = None, dim: int | None = None) -> np.ndarray:
     """`encode(texts)`, shard by shard, each shard saved atomically under cache_dir/<identity>/ and reused when there.
 
-    `counts`, if given, is filled with {"reused": shards, "encoded": shards}.
+    A cached shard with the wrong number of rows, non-finite values (NaN, inf) or another width than `dim` (when not
+    given: the width of the first shard of this call) is encoded again. `counts`, if given, is filled with
+    {"reused": shards, "encoded": shards}.
     """
     counts = counts if counts is not None else {}
     counts.setdefault("reused", 0)
@@ -37,13 +45,15 @@ def encode_cached(encode: Callable[[list[str]], np.ndarray], texts: list[str], i
         if path.is_file():
             try:
                 vectors = np.load(path)
-                if vectors.shape[0] == len(chunk):
+                if _usable(vectors, len(chunk), dim):
                     out.append(vectors)
+                    dim = vectors.shape[1]
                     counts["reused"] += 1
                     continue
             except (OSError, ValueError):
                 pass  # a damaged shard is encoded again
         vectors = np.asarray(encode(chunk), dtype=np.float32)
+        dim = vectors.shape[1] if dim is None and vectors.ndim == 2 else dim
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         atomic_write_bytes(path, buffer.getvalue())

@@ -60,7 +60,8 @@ class BackboneEncoder:
                          self.batch_size, desc="passages")[self.pooling]
 
         with self._active():
-            return encode_cached(encode, texts, {**self.identity, "kind": "passages"}, self.cache_dir)
+            return encode_cached(encode, texts, {**self.identity, "kind": "passages"}, self.cache_dir,
+                                 dim=self.backbone.model.config.get_text_config().hidden_size)
 
 
 @lru_cache(maxsize=2)

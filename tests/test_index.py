@@ -51,7 +51,9 @@ def test_duplicate_doc_ids_are_refused(tmp_path, tally):
 
 
 @pytest.mark.parametrize("queries, message", [([], "query list is empty"), (["ok", "  \n"], "query 1 is empty"),
-                                               (["ok", b"\xff\xfe"], "query 1 is bytes, not text")])
+                                               (["ok", b"\xff\xfe"], "query 1 is bytes, not text"),
+                                               (["ok", "why? " * 820], "query 1 is 4100 characters long, over the "
+                                                                      "limit of 4096")])
 def test_empty_queries_are_refused(queries, message, tally):
     tally("bad inputs tried")
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,7 @@ from .artefacts import atomic_dir
 # Manifest fields that must equal the encoder now in use; anything else (counts, timings) is informative only.
 IDENTITY_FIELDS = ("encoder", "backbone", "backbone_fingerprint", "tokenizer", "adapter", "pooling", "prefix",
                    "max_length", "dim", "corpus_hash")
-MAX_QUERY_CHARS = 4096
+MAX_QUERY_CHARS = 4096  # a query this long is a pasted document, not a question; embedding cuts it to max_length anyway
 
 
 class IndexMismatchError(RuntimeError):
@@ -21,7 +21,7 @@ class IndexMismatchError(RuntimeError):
 
 
 def check_queries(queries: list[str]) -> None:
-    """Refuse an empty query list, and empty or whitespace-only queries, naming the first bad one."""
+    """Refuse an empty query list, and non-text, empty, whitespace-only or overlong queries, naming the first bad one."""
     if len(queries) == 0:
         raise ValueError("the query list is empty: give at least one query (check the split and max_questions)")
     for i, q in enumerate(queries):
@@ -29,6 +29,9 @@ def check_queries(queries: list[str]) -> None:
             raise ValueError(f"query {i} is {type(q).__name__}, not text ({q!r:.60}); decode it to str (UTF-8) first")
         if not q.strip():
             raise ValueError(f"query {i} is empty or whitespace-only ({q!r}); drop it or give text to search for")
+        if len(q) > MAX_QUERY_CHARS:
+            raise ValueError(f"query {i} is {len(q)} characters long, over the limit of {MAX_QUERY_CHARS} "
+                             f"({q[:40]!r}...); shorten it to the question itself")
 
 
 def check_doc_ids(doc_ids: list[str]) -> None:

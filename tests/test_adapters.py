@@ -1,4 +1,4 @@
-"""A saved adapter attaches only to the backbone and tokenizer it was trained with, and only when its weights are whole."""
+"""A saved adapter attaches only to the backbone and tokenizer it was trained with, and only with whole weights."""
 
 import json
 import re

@@ -1,4 +1,4 @@
-"""Atomic folders survive a kill at any point: what an earlier, killed write left on disk is repaired on the next one."""
+"""Atomic folders survive a kill at any point: what a killed write left on disk is repaired by the next one."""
 
 import os
 

@@ -59,5 +59,6 @@ def test_a_cached_shard_of_nans_or_of_another_width_is_encoded_again(tmp_path, m
         tally("artefacts compared")
         if dim == 3:
             assert counts == {"reused": 1, "encoded": 2}
-            np.save(shards[2], np.ones((2, 7), dtype=np.float32))  # the last shard wrong: caught by the width of the first
+            # the last shard wrong: caught by the width of the first
+            np.save(shards[2], np.ones((2, 7), dtype=np.float32))
     assert counts == {"reused": 2, "encoded": 1}

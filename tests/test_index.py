@@ -138,7 +138,8 @@ def _toy(docs):
     return RetrievalDataset("toy", "en", corpus, queries, {"q1": {"a": 1}})
 
 
-GOOD = [("a", "Drawer", "the crisper drawer fits"), ("b", "Shirt", "a red cotton t-shirt"), ("c", "", "索尼相机 画质")]
+GOOD = [("a", "Drawer", "the crisper drawer fits"), ("b", "Shirt", "a red cotton t-shirt"),
+        ("c", "", "索尼相机 画质")]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -196,8 +196,8 @@ def test_a_checkpoint_of_other_settings_backbone_or_data_is_moved_aside_not_resu
     other.fingerprint = "another-backbone"
     changed = PretrainSettings(**{**settings.__dict__, "learning_rate": 1e-3})
     # Each run changes one thing from the run before it, whose checkpoint it finds.
-    for label, bb, blocks, s in [("settings.learning_rate", fresh(), packed, changed), ("data", fresh(), fewer, changed),
-                                 ("backbone", other, fewer, changed)]:
+    for label, bb, blocks, s in [("settings.learning_rate", fresh(), packed, changed),
+                                 ("data", fresh(), fewer, changed), ("backbone", other, fewer, changed)]:
         out = continue_pretraining(bb, blocks, s, tmp_path / "ck")
         tally("faults injected")
         assert out["resumed_from"] == 0 and out["steps"] == 2, label

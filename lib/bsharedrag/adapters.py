@@ -41,7 +41,7 @@ def read_meta(adapter_dir: str | Path, meta_file: str, made_by: str) -> dict:
 
 
 def check_weights(adapter_dir: str | Path, made_by: str) -> None:
-    """Refuse an adapter whose weights file is missing, truncated or damaged, naming it and the step that rebuilds it."""
+    """Refuse an adapter whose weights file is missing, truncated or damaged, naming it and the step rebuilding it."""
     weights = Path(adapter_dir) / WEIGHTS
     try:
         with safe_open(str(weights), "pt") as fh:  # checks the header and that the data covers the whole file

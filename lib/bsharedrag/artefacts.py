@@ -117,7 +117,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _recover(target: Path) -> None:
-    """Undo what a kill inside an earlier atomic_dir of `target` left: restore its `.old`, sweep dead staging folders."""
+    """Undo what a kill inside an earlier atomic_dir of `target` left: restore its `.old`, sweep dead stagings."""
     old = target.with_name(f".{target.name}.old")
     if old.is_dir():
         if target.exists():  # killed after the swap, before the clean-up: the old copy is garbage

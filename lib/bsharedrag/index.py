@@ -21,7 +21,7 @@ class IndexMismatchError(RuntimeError):
 
 
 def check_queries(queries: list[str]) -> None:
-    """Refuse an empty query list, and non-text, empty, whitespace-only or overlong queries, naming the first bad one."""
+    """Refuse an empty query list, and non-text, empty, whitespace-only or overlong queries, naming the first."""
     if len(queries) == 0:
         raise ValueError("the query list is empty: give at least one query (check the split and max_questions)")
     for i, q in enumerate(queries):
@@ -42,8 +42,9 @@ def check_doc_ids(doc_ids: list[str]) -> None:
             repeated.append(d)
         seen.add(d)
     if repeated:
-        raise ValueError(f"doc ids repeat ({', '.join(map(repr, repeated[:5]))}); every document needs a unique doc_id: "
-                         f"merge or rename the duplicates in the data file, then rebuild the index with 05_index")
+        raise ValueError(f"doc ids repeat ({', '.join(map(repr, repeated[:5]))}); every document needs a unique "
+                         f"doc_id: merge or rename the duplicates in the data file, then rebuild the index with "
+                         f"05_index")
 
 
 def check_documents(doc_ids: list[str], texts: list, titles: list | None = None) -> None:
@@ -58,8 +59,9 @@ def check_documents(doc_ids: list[str], texts: list, titles: list | None = None)
         title = titles[i] if titles is not None else ""
         for part, value in (("title", title), ("text", text)):
             if not isinstance(value, str):
-                raise ValueError(f"document {doc_id!r}: its {part} is {type(value).__name__}, not text ({value!r:.60}); "
-                                 f"decode it to str (UTF-8) where the corpus is read, then rebuild the index")
+                raise ValueError(f"document {doc_id!r}: its {part} is {type(value).__name__}, not text "
+                                 f"({value!r:.60}); decode it to str (UTF-8) where the corpus is read, then "
+                                 f"rebuild the index")
         if not (title.strip() or text.strip()):
             raise ValueError(f"document {doc_id!r} is empty or whitespace-only ({text!r:.60}); drop it from the "
                              f"corpus or give it text, then rebuild the index with 05_index")

@@ -186,7 +186,7 @@ def test_answering_leaves_the_backbone_and_its_adapters_as_they_were(bare, train
 
 
 def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures(bare, monkeypatch, tally):
-    settings = PRAGSettings(paraphrases=1, qa_pairs=2, max_retries=2, seed=5)
+    settings = PRAGSettings(paraphrases=1, qa_pairs=2, max_retries=2, augment_seed=5, seed=9)
     docs = ["Alpha kettle boils water.", "Beta blender crushes ice.", "Gamma toaster browns bread."]
     script = {  # (document, kind) -> output per attempt
         ("Alpha", "para"): ["A kettle that heats water."],
@@ -200,7 +200,7 @@ def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures
 
     def fake_generate(backbone, prompts, decode, adapter=None, stop=""):
         calls.append((len(prompts), decode.do_sample, decode.seed, decode.max_new_tokens, adapter))
-        attempt = decode.seed - settings.seed
+        attempt = decode.seed - settings.augment_seed
         kind = ["qa" if p.endswith("Question:") else "para" for p in prompts]
         return [script[(p.split()[1], k)][attempt] for p, k in zip(prompts, kind)]
 
@@ -244,3 +244,65 @@ def test_every_document_adapter_starts_from_the_one_saved_init(bare, trained):
     assert a_keys and all(torch.allclose(s[k], trained.init_state[k], atol=1e-8) for s in starts for k in a_keys)
     assert not any(torch.allclose(fresh[k], trained.init_state[k]) for k in a_keys)
     assert not isinstance(bb.model, PeftModel)
+
+
+def test_keys_hold_the_compute_dtype_and_other_training_seeds_reuse_the_augmentation(bare, trained, monkeypatch):
+    bb = bare[0]
+    text = DOCS[0][1]
+    bf16 = DocumentAdapterCache(trained.dir, replace(bb, dtype=torch.bfloat16), TINY)
+    assert bf16.key(text, "en") != trained.key(text, "en")
+    assert bf16.augmentation_key(text, "en") != trained.augmentation_key(text, "en")
+
+    reseeded = DocumentAdapterCache(trained.dir, bb, replace(TINY, seed=1))
+    assert reseeded.augmentation_key(text, "en") == trained.augmentation_key(text, "en")
+    assert reseeded.key(text, "en") != trained.key(text, "en")  # another init and text order: another adapter
+    augmented = []
+    real = prag.augment_documents
+    monkeypatch.setattr(prag, "augment_documents", lambda *a: augmented.append(a[1]) or real(*a))
+    assert reseeded.ensure(DOCS, "en")["encoded"] == 3 and augmented == []  # the greedy texts are reused
+
+    # the sampled retries have their own seed: it counts where there are retries, and only there
+    resampled = DocumentAdapterCache(trained.dir, bb, replace(TINY, augment_seed=3))
+    assert resampled.augmentation_key(text, "en") != trained.augmentation_key(text, "en")
+    greedy = [DocumentAdapterCache(trained.dir, bb, replace(TINY, max_retries=0, augment_seed=s)) for s in (0, 3)]
+    assert greedy[0].augmentation_key(text, "en") == greedy[1].augmentation_key(text, "en")
+    assert greedy[0].key(text, "en") == greedy[1].key(text, "en")
+
+
+def test_one_padded_batch_per_step_gives_the_token_mean_of_the_per_text_losses(bare, trained, monkeypatch):
+    bb = bare[0]
+    augmentation = {"lang": "en", "paraphrases": ["A kettle."],
+                    "qa": [{"question": "How long does it take?", "answer": "Three minutes, then it switches off."}]}
+    still = replace(TINY, learning_rate=1e-12)  # every step's loss is the loss at the shared init
+    calls = []
+    real = prag.causal_lm_nll
+
+    def recorded(model, ids, mask, labels):
+        total, count = real(model, ids, mask, labels)
+        calls.append((float(total.detach()), count, tuple(ids.shape)))
+        return total, count
+
+    monkeypatch.setattr(prag, "causal_lm_nll", recorded)
+    one = train_document_adapter(bb, DOCS[0][1], augmentation, replace(still, train_batch_size=1), trained.init_state)
+    per_text, calls[:] = list(calls), []
+    batched = train_document_adapter(bb, DOCS[0][1], augmentation, still, trained.init_state)
+    assert one["stats"]["steps"] == 3 and batched["stats"]["steps"] == 1 and calls[0][2][0] == 3
+    assert len({shape[1] for _, _, shape in per_text}) == 3  # three lengths: the batch is padded
+    assert batched["stats"]["tokens"] == one["stats"]["tokens"] == sum(count for _, count, _ in per_text)
+    expected = sum(total for total, _, _ in per_text) / sum(count for _, count, _ in per_text)
+    assert batched["stats"]["losses"][0] == pytest.approx(expected, rel=1e-4)  # padding is never a target
+    assert not isinstance(bb.model, PeftModel)
+
+
+def test_encoding_cost_counts_every_used_adapter_whenever_it_was_trained(bare, trained):
+    metas = [json.loads((trained.adapter_dir(t, "en") / META).read_text()) for _, t in DOCS]
+    cost = trained.encoding_cost(DOCS + DOCS[:1], "en")  # a document used twice is one adapter
+    assert cost["documents"] == 3
+    assert cost["train_seconds"] == pytest.approx(sum(m["stats"]["seconds"] for m in metas))
+    assert cost["augment_seconds"] == pytest.approx(sum(m["stats"]["augment_seconds"] for m in metas))
+    assert cost["augment_seconds"] > 0 and cost["seconds"] == pytest.approx(cost["train_seconds"]
+                                                                           + cost["augment_seconds"])
+    assert trained.ensure(DOCS, "en")["encoded"] == 0  # a later call trains nothing but reports the same cost
+    assert trained.encoding_cost(DOCS, "en") == cost
+    with pytest.raises(ValueError, match="train it first"):
+        trained.encoding_cost([("d9", "A document nobody encoded.")], "en")

@@ -23,7 +23,7 @@ from .artefacts import atomic_dir, atomic_write_bytes, atomic_write_json, sha256
 from .backbone import Backbone
 from .devices import autocast
 from .generator import DecodeSettings, GeneratorSettings, answer_marker, build_prompt, cut_tokens, generate
-from .lm import causal_lm_nll
+from .lm import IGNORE, causal_lm_nll
 from .progress import progress
 
 LANGS = ("en", "zh")
@@ -35,6 +35,8 @@ TRAINING = "prag_training"
 INIT = "prag_init"
 MERGED = "prag_merged"
 NOT_IN_KEY = ("augment_batch_size",)  # settings that never change an adapter
+AUGMENTATION_SETTINGS = ("paraphrases", "qa_pairs", "augment_max_new_tokens", "max_retries", "doc_max_tokens",
+                         "augment_seed")  # what changes the texts the backbone writes about a document
 
 DOC_LABEL = {"en": "Document:", "zh": "文档："}
 PARAPHRASE_ASKS = {
@@ -71,7 +73,11 @@ class PRAGSettings:
     doc_max_tokens: int = 128  # each document is cut to this many tokens (prompts and training texts)
     train_max_tokens: int = 256  # each training text is cut to this many tokens
     augment_batch_size: int = 8
-    seed: int = 0
+    # Sampled augmentation retries have their own seed (the first attempt is greedy), so that the texts the backbone
+    # writes do not depend on the training seed and every training seed reuses them.
+    augment_seed: int = 0
+    train_batch_size: int = 0  # texts per optimisation step of a document's LoRA; 0 = all of its texts in one batch
+    seed: int = 0  # the document LoRAs' shared initialisation and the order of their texts
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,7 +85,8 @@ class PRAGSettings:
     def validate(self) -> None:
         """Refuse a value that cannot work, naming it and the fix."""
         minimum = {"lora_r": 1, "epochs": 1, "paraphrases": 0, "qa_pairs": 0, "augment_max_new_tokens": 1,
-                   "max_retries": 0, "doc_max_tokens": 1, "train_max_tokens": 2, "augment_batch_size": 1, "seed": 0}
+                   "max_retries": 0, "doc_max_tokens": 1, "train_max_tokens": 2, "augment_batch_size": 1,
+                   "augment_seed": 0, "train_batch_size": 0, "seed": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -197,9 +204,9 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
     prompt whose completion may hold several pairs; all documents' prompts go through one batched `generate` per
     attempt. The first attempt decodes greedily; an output that fails validation (empty, only the prompt's
     scaffolding, a copy of the document, a duplicate, a QA completion without a parsable non-empty question and answer)
-    is asked again with seeded sampling (seed = settings.seed + attempt), at most `max_retries` times. What still fails
-    is recorded in "failed" (kind, reason, last output) and the document trains on what it has: the document text is
-    always a training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
+    is asked again with seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. What
+    still fails is recorded in "failed" (kind, reason, last output) and the document trains on what it has: the
+    document text is always a training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
     """
     _check_lang(lang)
     settings.validate()
@@ -215,7 +222,7 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
         prompts = [paraphrase_prompt(docs[i], s, lang) if kind == "paraphrase" else qa_prompt(docs[i], lang)
                    for i, kind, s in jobs]
         decode = DecodeSettings(max_new_tokens=settings.augment_max_new_tokens, do_sample=attempt > 0,
-                                batch_size=settings.augment_batch_size, seed=settings.seed + attempt)
+                                batch_size=settings.augment_batch_size, seed=settings.augment_seed + attempt)
         for (i, kind, slot), output in zip(jobs, generate(backbone, prompts, decode, adapter=None)):
             record = out[i]
             record["attempts"] = attempt + 1
@@ -305,12 +312,23 @@ def training_texts(document: str, augmentation: dict) -> list[str]:
             *(template.format(document=document, **qa) for qa in augmentation.get("qa", []))]
 
 
+def text_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded into (ids, attention mask, labels); padding is masked and never a target."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
+    return ids, mask, labels
+
+
 def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict, settings: PRAGSettings,
                            init_state: dict[str, torch.Tensor]) -> dict:
-    """Train one document's LoRA from `init_state` on its training texts (causal-LM loss, AdamW, one text per step).
+    """Train one document's LoRA from `init_state` on its training texts (causal-LM loss, AdamW).
 
-    Returns {"state": the LoRA state dict (peft's saved keys, on CPU), "stats": steps, seconds, tokens, losses}; the
-    backbone is left as it was.
+    Each step takes `train_batch_size` texts (0: all of them) as one right-padded batch; its loss is the mean over the
+    batch's real tokens, so padding changes nothing and a batch of one is the per-text step. Returns {"state": the
+    LoRA state dict (peft's saved keys, on CPU), "stats": steps, seconds, tokens, texts, losses}; the backbone is left
+    as it was.
     """
     began = time.perf_counter()
     document = cut_tokens(backbone.tokenizer, doc_text, settings.doc_max_tokens)
@@ -320,6 +338,8 @@ def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict
     if not rows:
         raise ValueError(f"document {doc_text[:40]!r} gives no training text of two tokens or more; give a non-empty "
                          "document")
+    per_step = settings.train_batch_size or len(rows)
+    pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
     order = random.Random(settings.seed)
     losses, tokens = [], 0
     with lora_session(backbone, settings) as model, torch.enable_grad():
@@ -332,10 +352,12 @@ def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict
         params = [p for n, p in model.named_parameters() if f".{TRAINING}." in n]
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
         for _ in range(settings.epochs):
-            for i in order.sample(range(len(rows)), len(rows)):
-                ids = torch.tensor([rows[i]], device=backbone.device)
+            shuffled = order.sample(range(len(rows)), len(rows))
+            for start in range(0, len(shuffled), per_step):
+                ids, mask, labels = text_batch([rows[i] for i in shuffled[start:start + per_step]], pad_id,
+                                               backbone.device)
                 with autocast(backbone.device, backbone.dtype):
-                    total, count = causal_lm_nll(model, ids, torch.ones_like(ids), ids)
+                    total, count = causal_lm_nll(model, ids, mask, labels)
                 loss = total / count
                 loss.backward()
                 optimizer.step()
@@ -382,7 +404,8 @@ def _read_json(path: Path) -> dict | None:
 
 
 class DocumentAdapterCache:
-    """Document LoRAs on disk, keyed by sha256 of (document, backbone fingerprint, settings, shared init).
+    """Document LoRAs on disk, keyed by sha256 of (document, backbone fingerprint and compute dtype, settings, shared
+    init, augmentation key).
 
     Layout of `cache_dir`: `init-<spec>.safetensors` (the one initialisation every adapter of these LoRA shapes and
     seed starts from, written once), `augmentations/<key>.json`, `adapters/<key>/` (a peft adapter folder with
@@ -405,15 +428,18 @@ class DocumentAdapterCache:
 
     def key(self, doc_text: str, lang: str) -> str:
         """sha256 of everything that changes the document's adapter."""
-        tuned = {k: v for k, v in asdict(self.settings).items() if k not in NOT_IN_KEY}
+        tuned = {k: v for k, v in asdict(self.settings).items() if k not in NOT_IN_KEY and k != "augment_seed"}
         return _sha256_json({"document": doc_text, "lang": lang, "backbone": self.backbone.fingerprint,
-                             "settings": tuned, "init": self.init_hash})
+                             "compute_dtype": str(self.backbone.dtype), "settings": tuned, "init": self.init_hash,
+                             "augmentation": self.augmentation_key(doc_text, lang)})
 
     def augmentation_key(self, doc_text: str, lang: str) -> str:
-        """sha256 of everything that changes what the backbone writes about the document."""
-        used = ("paraphrases", "qa_pairs", "augment_max_new_tokens", "max_retries", "doc_max_tokens", "seed")
+        """sha256 of everything that changes what the backbone writes about the document (not the training seed)."""
+        used = {k: getattr(self.settings, k) for k in AUGMENTATION_SETTINGS}
+        if not self.settings.max_retries:
+            del used["augment_seed"]  # greedy decoding only: the seed draws nothing
         return _sha256_json({"document": doc_text, "lang": lang, "backbone": self.backbone.fingerprint,
-                             "settings": {k: getattr(self.settings, k) for k in used}})
+                             "compute_dtype": str(self.backbone.dtype), "settings": used})
 
     def adapter_dir(self, doc_text: str, lang: str) -> Path:
         return self.dir / "adapters" / self.key(doc_text, lang)
@@ -433,6 +459,21 @@ class DocumentAdapterCache:
         """Size of one document's LoRA weights in MB."""
         return sum(t.numel() * t.element_size() for t in self.init_state.values()) / 2**20
 
+    def encoding_cost(self, docs: list[tuple[str, str]], lang: str) -> dict:
+        """What turning the distinct documents of `docs` into LoRAs cost, whenever each was trained (read from each
+        adapter's prag.json): {"documents", "augment_seconds", "train_seconds", "seconds"}."""
+        texts = {self.key(text, lang): text for _, text in docs}
+        augment = train = 0.0
+        for key, text in texts.items():
+            meta = _read_json(self.dir / "adapters" / key / META) if self.is_cached(text, lang) else None
+            if meta is None:
+                raise ValueError(f"no document adapter {key[:12]} for {text[:40]!r} in {self.dir}; train it first "
+                                 "(ensure)")
+            augment += meta["stats"].get("augment_seconds", float("nan"))
+            train += meta["stats"]["seconds"]
+        return {"documents": len(texts), "augment_seconds": augment, "train_seconds": train,
+                "seconds": augment + train}
+
     def get_or_train(self, doc_id: str, doc_text: str, lang: str) -> Path:
         """The document's adapter folder, trained first if it is not cached."""
         self.ensure([(doc_id, doc_text)], lang)
@@ -442,7 +483,7 @@ class DocumentAdapterCache:
         """Train the adapters of `docs` (doc_id, text) not cached yet: one batched augmentation, then one LoRA each.
 
         Returns {"encoded": adapters trained now, "reused": documents already cached, "augment_seconds",
-        "train_seconds"}.
+        "train_seconds"} of this call; `encoding_cost` gives what every document cost, whenever it was trained.
         """
         _check_lang(lang)
         unique: dict[str, tuple[str, str]] = {}
@@ -456,25 +497,31 @@ class DocumentAdapterCache:
         began = time.perf_counter()
         if to_write:
             written = augment_documents(self.backbone, [text for _, _, text in to_write], lang, self.settings)
+            share = (time.perf_counter() - began) / len(to_write)  # one batched generate: each document's share
             for (key, doc_id, text), augmentation in zip(to_write, written):
-                augmentations[key] = augmentation
+                augmentations[key] = {"augmentation": augmentation, "seconds": share}
                 atomic_write_json(self.dir / "augmentations" / f"{self.augmentation_key(text, lang)}.json",
                                   {"doc_id": doc_id, "key": self.augmentation_key(text, lang),
-                                   "augmentation": augmentation})
+                                   "augmentation": augmentation, "seconds": share})
         augment_seconds, began = time.perf_counter() - began, time.perf_counter()
         if missing:
             with lora_session(self.backbone, self.settings):  # a bare backbone is wrapped once for all documents
                 for key, doc_id, text in progress(missing, total=len(missing), desc="prag: document adapters"):
-                    trained = train_document_adapter(self.backbone, text, augmentations[key], self.settings,
+                    made = augmentations[key]
+                    trained = train_document_adapter(self.backbone, text, made["augmentation"], self.settings,
                                                      self.init_state)
-                    self._save(key, doc_id, lang, trained, augmentations[key])
+                    trained["stats"]["augment_seconds"] = made["seconds"]
+                    self._save(key, doc_id, lang, trained, made["augmentation"])
         return {"encoded": len(missing), "reused": len(unique) - len(missing), "augment_seconds": augment_seconds,
                 "train_seconds": time.perf_counter() - began}
 
     def _cached_augmentation(self, doc_text: str, lang: str) -> dict | None:
+        """{"augmentation", "seconds" (its share of the batched generate that wrote it)}, or None if not saved."""
         key = self.augmentation_key(doc_text, lang)
         saved = _read_json(self.dir / "augmentations" / f"{key}.json")
-        return saved["augmentation"] if saved and saved.get("key") == key else None
+        if not saved or saved.get("key") != key:
+            return None
+        return {"augmentation": saved["augmentation"], "seconds": saved.get("seconds", float("nan"))}
 
     def _save(self, key: str, doc_id: str, lang: str, trained: dict, augmentation: dict) -> Path:
         target = self.dir / "adapters" / key

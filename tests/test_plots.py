@@ -1,10 +1,17 @@
-"""Ablation summaries, tables and figures (plots.py) on a small synthetic long-form results frame."""
+"""07's analysis: ablation summaries, tables and figures (plots.py) on a small synthetic long-form results frame,
+and the parts of ablations.py that decide what is compared (directions, replicates, seeds, skipped variants, Parametric
+RAG's rows kept as they finish and scored against the same questions) on fakes of the trained components."""
+
+import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from bsharedrag import plots
+from bsharedrag import ablations, plots
+from bsharedrag.ablations import Ablation, Component, Retrieved
+from bsharedrag.generator import DecodeSettings, GeneratorSettings
 from matplotlib.collections import PolyCollection
 from matplotlib.container import ErrorbarContainer
 
@@ -135,3 +142,212 @@ def test_lambda_curve_needs_lambda_rows():
     summary = plots.summarise(make_results().drop(columns="lambda"), METRICS)
     with pytest.raises(ValueError, match="lambda"):
         plots.lambda_curve(summary, "epqa", ("bleu3",), "no lambda")
+
+
+# --- ablations.py: what is compared with what --------------------------------------------------------------------------
+
+def test_summarise_treats_each_run_and_seed_as_a_replicate():
+    first, second = make_results(seeds=(0,)), make_results(seeds=(0,))  # two runs, each with its own seed 0
+    gathered = pd.concat([first.assign(run="a"), second.assign(run="b", bleu3=second["bleu3"] + 0.1)],
+                         ignore_index=True)
+    summary = plots.summarise(gathered, METRICS)
+    assert (summary["seeds"] == 2).all()
+    row = summary.set_index(["variant", "dataset"]).loc[("bsharedrag", "epqa")]
+    values = gathered[(gathered["variant"] == "bsharedrag") & (gathered["dataset"] == "epqa")]["bleu3"]
+    assert row["bleu3_std"] == pytest.approx(np.std(values, ddof=1))
+    with pytest.raises(ValueError, match=r"run, seed"):  # the same run gathered twice
+        plots.summarise(pd.concat([gathered, gathered.iloc[:1]]), METRICS)
+    with pytest.raises(ValueError, match="more than once"):
+        ablations.gather(["outputs/a", "elsewhere/a"])
+
+
+def results_frame(rows: dict[str, list[dict]]) -> pd.DataFrame:
+    """{variant: one dict of metrics per seed} as a long-form results frame on one data set."""
+    return pd.DataFrame([{"variant": v, "dataset": "ecomeval", "seed": seed, "lambda": np.nan, **metrics}
+                         for v, per_seed in rows.items() for seed, metrics in enumerate(per_seed)])
+
+
+def verdicts(claims: pd.DataFrame) -> dict[tuple[str, str], str]:
+    return {(c, m): v for c, m, v in zip(claims["claim"], claims["metric"], claims["verdict"])}
+
+
+def test_directions_compare_only_what_differs_and_call_an_equal_mean_a_tie():
+    results = results_frame({
+        "bsharedrag": [{"ndcg@5": 0.5, "bleu3": 0.30, "rougeL": 0.40}],
+        "base_rag": [{"ndcg@5": 0.5, "bleu3": 0.20, "rougeL": 0.40}],  # bsharedrag's retriever: the same nDCG
+        "wo_hard_negatives": [{"ndcg@5": 0.45, "bleu3": 0.30, "rougeL": 0.35}],
+        "prag_parametric_docs": [{"ndcg@5": 0.5, "bleu3": 0.25, "rougeL": 0.30}],
+        "bsharedrag@prag": [{"ndcg@5": np.nan, "bleu3": 0.20, "rougeL": 0.25}],  # bsharedrag on PRAG's questions
+        "fully_shared_0.25": [{"ndcg@5": 0.40, "bleu3": 0.10, "rougeL": 0.45}],
+        "fully_shared_0.75": [{"ndcg@5": 0.55, "bleu3": 0.20, "rougeL": 0.20}],
+    })
+    claims = ablations.directions(results)
+    got = verdicts(claims)
+    assert ("generation LoRA >= bare backbone, same documents", "ndcg@5") not in got  # a margin of 0 by construction
+    assert not any(c.startswith("BSharedRAG >= Parametric RAG") and m == "ndcg@5" for c, m in got)
+    assert got[("hard negatives help", "ndcg@5")] == "holds"
+    assert got[("hard negatives help", "bleu3")] == "tie" and got[("generation LoRA >= bare backbone, same "
+                                                                   "documents", "rougeL")] == "tie"
+    assert not claims.loc[claims["verdict"] == "tie", "holds"].any()
+    # Parametric RAG is compared with bsharedrag on its own questions (0.20), not on all of them (0.30)
+    prag = claims[claims["claim"] == "BSharedRAG >= Parametric RAG (+ documents), same questions"].set_index("metric")
+    assert prag.loc["bleu3", "ours"] == "bsharedrag@prag" and prag.loc["bleu3", "verdict"] == "fails"
+    best = claims[claims["claim"] == "shared backbone >= fully shared (best lambda)"].set_index("metric")
+    assert best.loc["ndcg@5", "other"] == "fully_shared_0.75" and best.loc["rougeL", "other"] == "fully_shared_0.25"
+
+
+def test_directions_call_a_margin_within_the_seed_spread_a_tie():
+    results = results_frame({
+        "bsharedrag": [{"ndcg@5": n, "bleu3": b, "rougeL": 0.4} for n, b in ((0.5, 0.30), (0.6, 0.31), (0.4, 0.29))],
+        "wo_hard_negatives": [{"ndcg@5": n, "bleu3": b, "rougeL": 0.4}
+                              for n, b in ((0.45, 0.20), (0.55, 0.21), (0.35, 0.19))],
+    })
+    claims = ablations.directions(results).set_index("metric")
+    assert claims.loc["ndcg@5", "margin"] == pytest.approx(0.05) and claims.loc["ndcg@5", "spread"] == pytest.approx(0.1)
+    assert claims.loc["ndcg@5", "verdict"] == "tie" and claims.loc["bleu3", "verdict"] == "holds"
+    assert (claims["replicates"] == 3).all()
+
+
+def fake_ablation(tmp_path: Path, sets: dict, cpt: bool = True, factory: str = "Flat") -> Ablation:
+    common = {"seed": 0, "backbone": "tiny-random-gemma3", "use_pretrained_backbone": cpt, "compute_dtype": "float32",
+              "query_prefix": "", "passage_prefix": "", "max_length": 64, "batch_size": 4,
+              "passage_format": "{title}: {text}"}
+    return Ablation(tmp_path, {"common": common, "05_index": {"index_factory": factory}}, sets,
+                    tmp_path / "07_ablations", 5, {"en": DecodeSettings(), "zh": DecodeSettings()})
+
+
+def test_07_builds_indexes_with_05s_factory_and_counts_each_index_in_memory(tmp_path):
+    assert fake_ablation(tmp_path, {}, factory="HNSW32").encode(tmp_path).index_factory == "HNSW32"
+    found = Retrieved({"epqa": {"ndcg@5": 0.5, "hit@3": 0.7}, "ecomeval": {"ndcg@5": 0.6, "hit@3": 0.8}}, {}, 0.2,
+                      {"epqa": 3.0, "ecomeval": 1.0})
+    rows = ablations._rows("wo_hard_negatives", 0, found, None,
+                           {"trainable_parameters": 1, "training_seconds": 1.0, "inference_memory_mb": 500.0})
+    assert {r["dataset"]: r["inference_memory_mb"] for r in rows} == {"epqa": 503.0, "ecomeval": 501.0}
+
+
+def test_seed_variants_choose_the_rows_trained_at_every_seed_and_wo_cpt_needs_cpt(tmp_path, monkeypatch, capsys):
+    seeds, chosen = [0, 1, 2], ["bsharedrag", "fully_shared_0.5"]
+    assert ablations.runs_at_seed("wo_cpt", 0, seeds, chosen) and not ablations.runs_at_seed("wo_cpt", 1, seeds, chosen)
+    assert ablations.runs_at_seed("fully_shared_0.5", 2, seeds, chosen)
+    assert not ablations.runs_at_seed("fully_shared_0.25", 2, seeds, chosen)
+    assert ablations.runs_at_seed("fully_shared_0.25", 1, seeds, ["fully_shared"])
+    assert ablations.runs_at_seed("closed_book", 2, seeds, [])  # none named: every row at every seed
+    with pytest.raises(ValueError, match="fully_shared_0.3"):
+        ablations.check_seed_variants(["fully_shared_0.3"], ["bsharedrag", "fully_shared"], [0.25, 0.5])
+
+    ab = fake_ablation(tmp_path, {}, cpt=False)
+    with pytest.raises(ValueError, match="use_pretrained_backbone"):
+        ablations.adapted_variant(ab, "wo_cpt", 0, False, "hard")  # refused before anything loads
+    calls = []
+
+    def fake(name):
+        return lambda *a: calls.append((name, *a[1:])) or [{"variant": name, "dataset": "epqa", "seed": a[-1]}]
+
+    monkeypatch.setattr(ablations, "adapted_variant", lambda ab_, v, seed, cpt, neg: fake(v)(ab_, seed))
+    monkeypatch.setattr(ablations, "fully_shared_variant",
+                        lambda ab_, lam, seed: calls.append(("fully_shared", lam, seed))
+                        or [{"variant": f"fully_shared_{lam:g}", "dataset": "epqa", "seed": seed}])
+    monkeypatch.setattr(ablations, "closed_book_variant", lambda ab_, seed: fake("closed_book")(ab_, seed))
+    ab.out_dir.mkdir(parents=True)
+    (ab.out_dir / "results.jsonl").write_text(json.dumps({"variant": "wo_cpt", "dataset": "epqa", "seed": 0}) + "\n")
+    frame = ablations.run_variants(ab, ["bsharedrag", "wo_cpt", "fully_shared", "closed_book"], [0, 1], [0.25, 0.5],
+                                   seed_variants=chosen)
+    assert sorted(calls) == sorted([("bsharedrag", 0), ("bsharedrag", 1), ("fully_shared", 0.25, 0),
+                                    ("fully_shared", 0.5, 0), ("fully_shared", 0.5, 1), ("closed_book", 0)])
+    assert "wo_cpt" not in set(frame["variant"])  # nor the stale row an older run scored on the CPT model
+    assert "skipping wo_cpt" in capsys.readouterr().out
+
+
+class FakeCache:
+    """Document adapters that were all trained earlier: 1 s of augmentation and 2 s of training each."""
+
+    def __init__(self, cache_dir, backbone, settings):
+        self.settings = settings
+
+    def ensure(self, docs, lang):
+        return {"encoded": 0, "reused": len({t for _, t in docs}), "augment_seconds": 0.0, "train_seconds": 0.0}
+
+    def encoding_cost(self, docs, lang):
+        n = len({t for _, t in docs})
+        return {"documents": n, "augment_seconds": 1.0 * n, "train_seconds": 2.0 * n, "seconds": 3.0 * n}
+
+    def adapter_parameters(self):
+        return 50
+
+    def adapter_mb(self):
+        return 0.25
+
+
+class FakeRAG:
+    calls: list[str] = []
+    fail: set[str] = set()
+
+    def __init__(self, backbone, cache, generator_settings, decode):
+        pass
+
+    def answer_many(self, questions, docs, lang, mode):
+        FakeRAG.calls.append(mode)
+        if mode in FakeRAG.fail:
+            raise RuntimeError("killed while answering")
+        return {"answers": ["an answer"] * len(questions)}
+
+
+def test_parametric_rag_rows_are_kept_as_they_finish_and_compared_on_the_same_questions(tmp_path, monkeypatch,
+                                                                                      small_ecomeval):
+    import torch
+    from bsharedrag import genmetrics, prag
+    from bsharedrag.evaluation import generation_questions
+
+    ds = small_ecomeval
+    ab = fake_ablation(tmp_path, {"ecomeval": ds})
+    test_qids = list(generation_questions(ds, 0, 0)["qid"])
+    top3 = list(ds.corpus["doc_id"][:3])
+    answers = tmp_path / "06_evaluate" / "generations" / "ecomeval.jsonl"
+    answers.parent.mkdir(parents=True)
+    answers.write_text("".join(json.dumps({"qid": q, "system": s, "answer": f"{s} says"}) + "\n"
+                               for s in ("bsharedrag", "base_rag") for q in test_qids))
+
+    def saved_row(variant, bleu3):
+        return [{"variant": variant, "dataset": "ecomeval", "seed": 0, "lambda": None, "ndcg@5": 0.5, "bleu3": bleu3,
+                 "rougeL": 0.2, "bertscore_f1": 0.3, "token_f1": 0.4, "n_generation": 5, "trainable_parameters": 7,
+                 "training_seconds": 1.0, "inference_memory_mb": 9.0, "seconds_per_question": 0.5,
+                 "answers_file": "06_evaluate/generations/ecomeval.jsonl", "answers_system": variant}]
+
+    bb = type("FakeBackbone", (), {"model": torch.nn.Linear(4, 4)})()
+    monkeypatch.setattr(ablations, "adapted_variant", lambda *a: saved_row("bsharedrag", 0.9))
+    monkeypatch.setattr(ablations, "base_rag_variant", lambda *a: saved_row("base_rag", 0.8))
+    monkeypatch.setattr(ablations, "retrieval_adapter", lambda *a: Component(tmp_path / "retrieval", 100, 2.0))
+    monkeypatch.setattr(ablations.Ablation, "load", lambda self, cpt: bb)
+    monkeypatch.setattr(ablations, "generator_settings", lambda cfg: GeneratorSettings())
+    monkeypatch.setattr(ablations, "retrieval_scores", lambda *a: Retrieved(
+        {"ecomeval": {}}, {"ecomeval": {q: top3 for q in ds.split("test")["qid"]}}, 0.01, {"ecomeval": 1.5}))
+    monkeypatch.setattr(prag, "DocumentAdapterCache", FakeCache)
+    monkeypatch.setattr(prag, "ParametricRAG", FakeRAG)
+    monkeypatch.setattr(genmetrics, "default_bertscorer", lambda lang: None)
+    monkeypatch.setattr(genmetrics, "generation_metrics", lambda predictions, references, lang, scorer: {
+        "bleu3": len({p for p in predictions}) / 10, "rougeL": 0.2, "bertscore_f1": 0.3, "token_f1": 0.4,
+        "n": len(predictions), "bertscore_model": "fake"})
+
+    def run():
+        return ablations.run_variants(ab, ["bsharedrag", "prag", "base_rag"], [0], [], None, ["ecomeval"], 3)
+
+    FakeRAG.calls, FakeRAG.fail = [], {"parametric_docs"}
+    with pytest.raises(RuntimeError, match="killed"):
+        run()
+    kept = [json.loads(line)["variant"] for line in (ab.out_dir / "results.jsonl").read_text().splitlines()]
+    assert kept == ["bsharedrag", "base_rag", "prag_parametric"]  # the finished mode survived the failure
+    FakeRAG.calls, FakeRAG.fail = [], set()
+    frame = run().set_index("variant")
+    assert FakeRAG.calls == ["parametric_docs"]  # the rerun answers only what is missing
+
+    row = frame.loc["prag_parametric"]
+    assert row["n_generation"] == 3 and pd.isna(row["ndcg@5"])  # no retrieval metrics copied from bsharedrag
+    assert row["documents_encoded"] == 3 and row["documents_reused"] == 3  # all trained earlier, all counted
+    assert row["trainable_parameters"] == 100 + 3 * 50 and row["document_lora_parameters"] == 50
+    assert row["document_encoding_seconds"] == 9.0 and row["training_seconds"] == 2.0 + 9.0
+    assert row["inference_memory_mb"] == pytest.approx(ablations.backbone_mb(bb) + 1.5 + 2 * 3 * 0.25)
+    for peer in ("bsharedrag@prag", "base_rag@prag"):
+        assert frame.loc[peer, "n_generation"] == 3 and frame.loc[peer, "scored_from"] == "its saved answers"
+    assert frame.loc["bsharedrag@prag", "trainable_parameters"] == 7  # the costs are the system's own
+    claims = ablations.directions(frame.reset_index())
+    assert set(claims.loc[claims["claim"].str.contains("Parametric RAG"), "ours"]) == {"bsharedrag@prag"}

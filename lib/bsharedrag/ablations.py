@@ -5,18 +5,23 @@ What a seed varies is training (initialisation, batch order): the data split and
 run's. A component the run already trained (03's adapters, 04's adapter, on the run's backbone and seed) is reused;
 any other (another seed, the original backbone, a Fully Shared LoRA) is trained here with 03's and 04's settings into
 `07_ablations/components/`, saved as it finishes, and reused by a rerun.
+
+Seeds: the first of `seeds` trains every row; the others only the rows named in `seed_variants` (all when empty).
+Parametric RAG runs last in each seed and is compared with `bsharedrag@prag` and `base_rag@prag`: those systems'
+answers scored on Parametric RAG's questions only, so that every generation claim compares the same questions.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
-from .artefacts import atomic_write_json
+from .artefacts import atomic_write_json, atomic_write_text
 from .backbone import Backbone, load_backbone
 from .data import RetrievalDataset
 from .evaluation import evaluate_generation, evaluate_retrieval_systems, generation_questions
@@ -47,12 +52,51 @@ VARIANTS = {
 }
 RETRIEVAL_COLUMNS = ("ndcg@5", "hit@3")
 GENERATION_COLUMNS = ("bleu3", "rougeL", "bertscore_f1", "token_f1")
+PRAG_MODES = ("parametric", "parametric_docs")
+ON_PRAG_QUESTIONS = "@prag"  # suffix of a system's row scored on Parametric RAG's questions only
+PRAG_PEERS = ("bsharedrag", "base_rag")
+# rows that rank with bsharedrag's own retriever: a retrieval metric compared with them is bsharedrag against itself
+BORROWED_RETRIEVER = ("base_rag", "separate_backbones", "prag_parametric", "prag_parametric_docs")
 
 
 def check_variants(variants: list[str]) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+
+def has_own_retriever(variant: str) -> bool:
+    """Whether a result row's retrieval metrics come from a retriever of its own (not bsharedrag's, not none)."""
+    return variant not in BORROWED_RETRIEVER and variant != "closed_book" and ON_PRAG_QUESTIONS not in variant
+
+
+def row_names(variants: list[str], lambdas: list[float]) -> list[str]:
+    """The variant names of the rows the requested variants produce (fully_shared: one per lambda)."""
+    names = []
+    for v in variants:
+        if v == "fully_shared":
+            names += [f"fully_shared_{lam:g}" for lam in lambdas]
+        elif v == "prag":
+            names += [f"prag_{mode}" for mode in PRAG_MODES] + [f"{p}{ON_PRAG_QUESTIONS}" for p in PRAG_PEERS]
+        else:
+            names.append(v)
+    return names
+
+
+def check_seed_variants(seed_variants: list[str], variants: list[str], lambdas: list[float]) -> None:
+    """Refuse a `seed_variants` entry that names no requested variant or row."""
+    known = set(variants) | set(row_names(variants, lambdas))
+    unknown = [v for v in seed_variants if v not in known]
+    if unknown:
+        raise ValueError(f"seed_variants {unknown} name no requested variant or row; use some of {sorted(known)} "
+                         "(e.g. fully_shared_0.5 for one lambda)")
+
+
+def runs_at_seed(name: str, seed: int, seeds: list[int], seed_variants: list[str]) -> bool:
+    """Whether row `name` (a variant, or fully_shared_<lambda>) is trained at `seed`: the first seed trains every
+    row, the other seeds only those in `seed_variants` (every row when it is empty)."""
+    family = "fully_shared" if name.startswith("fully_shared_") else name
+    return seed == seeds[0] or not seed_variants or name in seed_variants or family in seed_variants
 
 
 def weights_mb(module) -> float:
@@ -98,13 +142,19 @@ class Ablation:
     def is_run_backbone(self, cpt: bool) -> bool:
         return cpt or not self.common["use_pretrained_backbone"]
 
+    @property
+    def has_cpt(self) -> bool:
+        """Whether the run continually pre-trained its backbone (01), i.e. `wo_cpt` is another model."""
+        return bool(self.common["use_pretrained_backbone"])
+
     def load(self, cpt: bool) -> Backbone:
         return load_backbone(self.source(cpt), compute_dtype=self.common["compute_dtype"], seed=self.run_seed)
 
     def encode(self, adapter_root: Path | str = "") -> EncodeSettings:
         c = self.common
+        factory = self.cfg.get("05_index", {}).get("index_factory", "Flat")  # indexes built here are built as 05's
         return EncodeSettings(c["query_prefix"], c["passage_prefix"], c["max_length"], c["batch_size"],
-                              c["passage_format"], adapter_root=str(adapter_root),
+                              c["passage_format"], index_factory=factory, adapter_root=str(adapter_root),
                               cache_dir=str(self.run_dir / "cache" / "embeddings"))
 
     def component_dir(self, cpt: bool, seed: int) -> Path:
@@ -195,12 +245,25 @@ def fully_shared_adapter(ab: Ablation, lam: float, seed: int) -> Component:
 
 # --- evaluation through 05/06's calls -------------------------------------------------------------------------------
 
-def retrieval_scores(ab: Ablation, bb: Backbone | None, system: str, adapter_root: Path | None,
-                     tag: str) -> tuple[dict, dict, float]:
-    """({dataset: metrics}, {dataset: {qid: ranking}}, seconds per question) of `system` on the test split.
+@dataclass
+class Retrieved:
+    """A retriever on the test split: metrics and rankings per data set, seconds per question, index size (MiB)."""
+
+    scores: dict[str, dict]
+    rankings: dict[str, dict[str, list[str]]]
+    seconds: float
+    index_mb: dict[str, float]
+
+
+def _relative(ab: Ablation, path: Path) -> str:
+    return str(path.relative_to(ab.run_dir)) if path.is_relative_to(ab.run_dir) else str(path)
+
+
+def retrieval_scores(ab: Ablation, bb: Backbone | None, system: str, adapter_root: Path | None, tag: str) -> Retrieved:
+    """`system` on the test split, with the size of the index it searched per data set.
 
     With `adapter_root` None the run's own index (05) is searched; otherwise the corpus is encoded with the adapter
-    under `adapter_root` (shards cached by adapter) and indexed under 07.
+    under `adapter_root` (shards cached by adapter) and indexed under 07 with 05's index_factory.
     """
     from .systems import build_indexes
 
@@ -217,18 +280,22 @@ def retrieval_scores(ab: Ablation, bb: Backbone | None, system: str, adapter_roo
     metrics = evaluate_retrieval_systems(ab.sets, [system], index_root, encode, depth, out_dir, "test", bb)
     seconds = (time.perf_counter() - start) / sum(len(ds.split("test")) for ds in ab.sets.values())
     rankings = {name: json.loads((out_dir / "runs" / name / f"{system}.json").read_text()) for name in ab.sets}
-    return {name: by[system] for name, by in metrics.items()}, rankings, seconds
+    index_mb = {name: folder_mb(index_root / name / system) for name in ab.sets}
+    return Retrieved({name: by[system] for name, by in metrics.items()}, rankings, seconds, index_mb)
 
 
 def generation_scores(ab: Ablation, bb: Backbone, generator_dir: Path, rankings: dict | None, tag: str,
                       system: str = "bsharedrag") -> dict:
     """{dataset: generation metrics} of the generation LoRA in `generator_dir` with the top documents of
-    `rankings` (None: closed book); `system` base_rag answers with the bare backbone and the same prompts."""
+    `rankings` (None: closed book); `system` base_rag answers with the bare backbone and the same prompts. Each
+    carries `answers_file` (relative to the run) and `answers_system`: where its per-question answers are."""
     settings = attach_generation_adapter(bb, generator_dir)
     system = "closed_book" if rankings is None else system
-    return {name: by[system] for name, by in evaluate_generation(
-        ab.sets, [system], rankings or {}, bb, settings, ab.decode, ab.questions, ab.common["passage_format"],
-        ab.out_dir / "variants" / tag, ab.run_seed).items()}
+    out_dir = ab.out_dir / "variants" / tag
+    found = evaluate_generation(ab.sets, [system], rankings or {}, bb, settings, ab.decode, ab.questions,
+                                ab.common["passage_format"], out_dir, ab.run_seed)
+    return {name: {**by[system], "answers_file": _relative(ab, out_dir / "generations" / f"{name}.jsonl"),
+                   "answers_system": system} for name, by in found.items()}
 
 
 def from_06(ab: Ablation, system: str, generation: Component) -> dict | None:
@@ -242,7 +309,19 @@ def from_06(ab: Ablation, system: str, generation: Component) -> dict | None:
             and system in s06.get("generation_systems", [])
             and (system == "closed_book" or s06.get("generation_retriever") == "bsharedrag"))
     found = ab.run_metrics("06_evaluate").get("generation", {}) if same else {}
-    return {name: found[name][system] for name in ab.sets} if all(system in found.get(n, {}) for n in ab.sets) else None
+    if not all(system in found.get(n, {}) for n in ab.sets):
+        return None
+    return {name: {**found[name][system], "answers_file": f"06_evaluate/generations/{name}.jsonl",
+                   "answers_system": system} for name in ab.sets}
+
+
+def saved_answers(ab: Ablation, row: dict) -> dict[str, str]:
+    """{qid: answer} a result row's system saved (its `answers_file`); empty where there is none."""
+    path = ab.run_dir / row["answers_file"] if row.get("answers_file") else None
+    if path is None or not path.is_file():
+        return {}
+    lines = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {r["qid"]: r["answer"] for r in lines if r.get("system") == row.get("answers_system")}
 
 
 def backbone_mb(bb: Backbone) -> float:
@@ -250,63 +329,75 @@ def backbone_mb(bb: Backbone) -> float:
     return sum(p.numel() * p.element_size() for n, p in bb.model.named_parameters() if "lora_" not in n) / 2**20
 
 
-def _rows(variant: str, seed: int, retrieval: dict | None, generation: dict | None, costs: dict,
+def _rows(variant: str, seed: int, retrieval: Retrieved | None, generation: dict | None, costs: dict,
           lam: float | None = None) -> list[dict]:
-    names = list((generation or retrieval).keys())
+    """One row per data set; its memory is the weights in `costs` plus the index that data set's retriever searched."""
+    names = list((generation or (retrieval.scores if retrieval else {})).keys())
     rows = []
     for name in names:
         row = {"variant": variant, "dataset": name, "seed": seed, "lambda": lam}
         if retrieval:
-            row.update({m: retrieval[name].get(m) for m in RETRIEVAL_COLUMNS})
+            row.update({m: retrieval.scores[name].get(m) for m in RETRIEVAL_COLUMNS})
         if generation:
             g = generation[name]
             row.update({m: g.get(m) for m in GENERATION_COLUMNS})
             row["n_generation"] = g.get("n")
             row["bertscore_model"] = g.get("bertscore_model")
+            row["answers_file"], row["answers_system"] = g.get("answers_file"), g.get("answers_system")
             gen_s = g.get("seconds_per_question", 0.0)
         else:
             gen_s = 0.0
-        row.update({k: v for k, v in costs.items() if k != "retrieve_s"})
-        row["seconds_per_question"] = costs.get("retrieve_s", 0.0) + gen_s
+        row.update(costs)
+        row["inference_memory_mb"] = costs["inference_memory_mb"] + (retrieval.index_mb[name] if retrieval else 0.0)
+        row["seconds_per_question"] = (retrieval.seconds if retrieval else 0.0) + gen_s
         rows.append(row)
     return rows
 
 
 # --- the variants ----------------------------------------------------------------------------------------------------
 
+def skipped_variants(ab: Ablation, variants: list[str]) -> dict[str, str]:
+    """The requested variants this run cannot measure, each with why and the fix."""
+    skipped = {}
+    if "wo_cpt" in variants and not ab.has_cpt:
+        skipped["wo_cpt"] = ("this run has no continual pre-training (common.use_pretrained_backbone: false), so w/o "
+                             "CPT would be bsharedrag itself; set use_pretrained_backbone: true (01 then pre-trains) "
+                             "to measure it")
+    return skipped
+
+
 def adapted_variant(ab: Ablation, variant: str, seed: int, cpt: bool, negatives: str) -> list[dict]:
     """bsharedrag / wo_cpt / wo_hard_negatives: a retrieval LoRA and the generation LoRA on one backbone."""
+    if not cpt and not ab.has_cpt:
+        raise ValueError(f"{variant}: {skipped_variants(ab, ['wo_cpt'])['wo_cpt']}")
     retrieval = retrieval_adapter(ab, cpt, negatives, seed)
     generation = generation_adapter(ab, cpt, seed)
     bb = ab.load(cpt)
     reuse = retrieval.path.parent == ab.run_dir / "03_retriever" / "adapters"
     system = "bsharedrag" if negatives == "hard" else "bsharedrag_random_negatives"
     tag = f"{variant}/seed{seed}"
-    scores, rankings, retrieve_s = retrieval_scores(ab, bb, system, None if reuse else retrieval.path.parent, tag)
+    found = retrieval_scores(ab, bb, system, None if reuse else retrieval.path.parent, tag)
     answers = (reuse and negatives == "hard" and from_06(ab, "bsharedrag", generation)) or \
-        generation_scores(ab, bb, generation.path, rankings, tag)
+        generation_scores(ab, bb, generation.path, found.rankings, tag)
     costs = {"trainable_parameters": retrieval.trainable + generation.trainable,
              "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path) + folder_mb(generation.path),
-             "training_seconds": retrieval.seconds + generation.seconds, "retrieve_s": retrieve_s}
-    return _rows(variant, seed, scores, answers, costs)
+             "training_seconds": retrieval.seconds + generation.seconds}
+    return _rows(variant, seed, found, answers, costs)
 
 
 def separate_retriever_variant(ab: Ablation, variant: str, seed: int) -> list[dict]:
-    """separate_minilm / separate_bm25: an off-the-shelf retriever next to the generation LoRA."""
+    """separate_minilm / separate_bm25: an off-the-shelf retriever (05's index) next to the generation LoRA."""
     from .encoders import _minilm
 
     system = variant.split("_", 1)[1]
     generation = generation_adapter(ab, True, seed)
     bb = ab.load(True)
-    scores, rankings, retrieve_s = retrieval_scores(ab, None if system == "bm25" else bb, system, None,
-                                                    f"{variant}/seed{seed}")
-    answers = generation_scores(ab, bb, generation.path, rankings, f"{variant}/seed{seed}")
-    retriever_mb = (weights_mb(_minilm(None)) if system == "minilm" else
-                    max(folder_mb(ab.run_dir / "05_index" / "indexes" / n / "bm25") for n in ab.sets))
+    found = retrieval_scores(ab, None if system == "bm25" else bb, system, None, f"{variant}/seed{seed}")
+    answers = generation_scores(ab, bb, generation.path, found.rankings, f"{variant}/seed{seed}")
+    retriever_mb = weights_mb(_minilm(None)) if system == "minilm" else 0.0  # BM25: its index is all it holds
     costs = {"trainable_parameters": generation.trainable, "training_seconds": generation.seconds,
-             "inference_memory_mb": backbone_mb(bb) + folder_mb(generation.path) + retriever_mb,
-             "retrieve_s": retrieve_s}
-    return _rows(variant, seed, scores, answers, costs)
+             "inference_memory_mb": backbone_mb(bb) + folder_mb(generation.path) + retriever_mb}
+    return _rows(variant, seed, found, answers, costs)
 
 
 def separate_backbones_variant(ab: Ablation, seed: int, shared_rows: list[dict]) -> list[dict]:
@@ -326,11 +417,11 @@ def fully_shared_variant(ab: Ablation, lam: float, seed: int) -> list[dict]:
     adapter = fully_shared_adapter(ab, lam, seed)
     bb = ab.load(True)
     tag = f"fully_shared/lambda{lam:g}/seed{seed}"
-    scores, rankings, retrieve_s = retrieval_scores(ab, bb, "bsharedrag", adapter.path.parent, tag)
-    answers = generation_scores(ab, bb, adapter.path, rankings, tag)
+    found = retrieval_scores(ab, bb, "bsharedrag", adapter.path.parent, tag)
+    answers = generation_scores(ab, bb, adapter.path, found.rankings, tag)
     costs = {"trainable_parameters": adapter.trainable, "training_seconds": adapter.seconds,
-             "inference_memory_mb": backbone_mb(bb) + folder_mb(adapter.path), "retrieve_s": retrieve_s}
-    return _rows(f"fully_shared_{lam:g}", seed, scores, answers, costs, lam)
+             "inference_memory_mb": backbone_mb(bb) + folder_mb(adapter.path)}
+    return _rows(f"fully_shared_{lam:g}", seed, found, answers, costs, lam)
 
 
 def base_rag_variant(ab: Ablation, seed: int) -> list[dict]:
@@ -340,12 +431,12 @@ def base_rag_variant(ab: Ablation, seed: int) -> list[dict]:
     bb = ab.load(True)
     reuse = retrieval.path.parent == ab.run_dir / "03_retriever" / "adapters"
     tag = f"base_rag/seed{seed}"
-    scores, rankings, retrieve_s = retrieval_scores(ab, bb, "bsharedrag", None if reuse else retrieval.path.parent, tag)
+    found = retrieval_scores(ab, bb, "bsharedrag", None if reuse else retrieval.path.parent, tag)
     answers = (reuse and from_06(ab, "base_rag", generation)) or \
-        generation_scores(ab, bb, generation.path, rankings, tag, system="base_rag")
+        generation_scores(ab, bb, generation.path, found.rankings, tag, system="base_rag")
     costs = {"trainable_parameters": retrieval.trainable, "training_seconds": retrieval.seconds,
-             "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path), "retrieve_s": retrieve_s}
-    return _rows("base_rag", seed, scores, answers, costs)
+             "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path)}
+    return _rows("base_rag", seed, found, answers, costs)
 
 
 def closed_book_variant(ab: Ablation, seed: int) -> list[dict]:
@@ -358,91 +449,159 @@ def closed_book_variant(ab: Ablation, seed: int) -> list[dict]:
     return _rows("closed_book", seed, None, answers, costs)
 
 
-def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_questions: int,
-                 shared_rows: list[dict]) -> list[dict]:
-    """Parametric RAG on the CPT backbone with the bsharedrag retriever's top-k documents, in both modes.
+def on_prag_questions(ab: Ablation, bb: Backbone, source: dict, queries: pd.DataFrame, references: list[list[str]],
+                      rankings: dict, n_questions: int) -> dict:
+    """`source` (a bsharedrag or base_rag row) scored on Parametric RAG's questions only: from the answers it saved
+    where they cover those questions, else answered here with the same retriever's documents and decoding."""
+    from .genmetrics import default_bertscorer, generation_metrics
 
-    Document LoRAs are cached by document hash in the run's cache/prag, so other questions, modes and reruns reuse
-    them; the offline cost of encoding documents is reported next to the quality.
+    name, seed, system = source["dataset"], source["seed"], source["variant"]
+    ds = ab.sets[name]
+    saved = saved_answers(ab, source)
+    if all(q in saved for q in queries["qid"]):
+        scores = generation_metrics([saved[q] for q in queries["qid"]], references, ds.lang,
+                                    default_bertscorer(ds.lang))
+        answers_file, how = source["answers_file"], "its saved answers"
+    else:
+        generation = generation_adapter(ab, True, seed)
+        subset = replace(ab, sets={name: ds}, questions=n_questions)  # generation_questions picks PRAG's questions
+        scores = generation_scores(subset, bb, generation.path, rankings, f"{system}{ON_PRAG_QUESTIONS}/seed{seed}",
+                                   system=system)[name]
+        answers_file, how = scores["answers_file"], "answered here"
+    costs = ("trainable_parameters", "training_seconds", "inference_memory_mb", "seconds_per_question")
+    return {"variant": f"{system}{ON_PRAG_QUESTIONS}", "dataset": name, "seed": seed, "lambda": None,
+            **{m: scores[m] for m in GENERATION_COLUMNS}, "n_generation": scores["n"],
+            "bertscore_model": scores["bertscore_model"], **{c: source.get(c) for c in costs},
+            "answers_file": answers_file, "answers_system": system, "scored_from": how}
+
+
+def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_questions: int, results: list[dict],
+                 keep: Callable[[list[dict]], list[dict]]) -> None:
+    """Parametric RAG on the CPT backbone with the bsharedrag retriever's top-k documents, in both modes, then this
+    seed's bsharedrag and base_rag rows scored on the same questions; each row is kept as it finishes.
+
+    Document LoRAs are cached by document hash in the run's cache/prag, so other questions, modes, reruns and (their
+    self-augmented texts) other seeds reuse them. The cost columns count every document LoRA the questions use,
+    whenever it was trained (its prag.json): the retrieval LoRA plus per-document LoRAs in `trainable_parameters`,
+    the retrieval LoRA's training plus document encoding (self-augmentation + LoRA training) in `training_seconds`.
     """
     from .genmetrics import default_bertscorer, generation_metrics
-    from .prag import DocumentAdapterCache, ParametricRAG
+    from .prag import DocumentAdapterCache, ParametricRAG, PRAGSettings
 
+    unknown = [n for n in datasets if n not in ab.sets]
+    if unknown:
+        raise ValueError(f"prag_datasets {unknown} are not data sets of this run; use some of {list(ab.sets)}")
+
+    def row_of(variant: str, name: str) -> dict | None:
+        return next((r for r in results if (r["variant"], r["dataset"], r["seed"]) == (variant, name, seed)), None)
+
+    wanted = [f"prag_{m}" for m in PRAG_MODES] + [f"{p}{ON_PRAG_QUESTIONS}" for p in PRAG_PEERS]
+    todo = [n for n in datasets if any(row_of(v, n) is None for v in wanted)]
+    if not todo:
+        return
     retrieval = retrieval_adapter(ab, True, "hard", seed)
     bb = ab.load(True)
     gen = generator_settings(ab.cfg)
     tag = f"prag/seed{seed}"
     reuse = retrieval.path.parent == ab.run_dir / "03_retriever" / "adapters"
-    _, rankings, retrieve_s = retrieval_scores(ab, bb, "bsharedrag", None if reuse else retrieval.path.parent, tag)
-    retrieval_of = {(r["dataset"]): r for r in shared_rows if r["seed"] == seed}
-    cache = DocumentAdapterCache(ab.run_dir / "cache" / "prag", bb, replace(settings, seed=seed))
-    rows = []
-    for name in datasets:
+    found = retrieval_scores(ab, bb, "bsharedrag", None if reuse else retrieval.path.parent, tag)
+    cache = DocumentAdapterCache(ab.run_dir / "cache" / "prag", bb, replace(settings or PRAGSettings(), seed=seed))
+    for name in todo:
         ds = ab.sets[name]
         queries = generation_questions(ds, n_questions, ab.run_seed)
         text = dict(zip(ds.corpus["doc_id"], ds.passages(ab.common["passage_format"])))
-        docs = [[(d, text[d]) for d in rankings[name][q][:gen.top_k]] for q in queries["qid"]]
+        docs = [[(d, text[d]) for d in found.rankings[name][q][:gen.top_k]] for q in queries["qid"]]
         references = [[a for a in ds.answers[q] if a.strip()] for q in queries["qid"]]
-        start = time.perf_counter()
-        encoded = cache.ensure([d for row in docs for d in row], ds.lang)
-        encode_s = time.perf_counter() - start
+        used = [d for row in docs for d in row]
+        made = cache.ensure(used, ds.lang)
+        spent = cache.encoding_cost(used, ds.lang)
+        costs = {"trainable_parameters": retrieval.trainable + spent["documents"] * cache.adapter_parameters(),
+                 "document_lora_parameters": cache.adapter_parameters(),
+                 "training_seconds": retrieval.seconds + spent["seconds"],
+                 "documents_encoded": spent["documents"], "documents_reused": made["reused"],
+                 "document_encoding_seconds": spent["seconds"],
+                 # while answering, the k loaded document LoRAs and their `cat` merge are all held
+                 "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path) + found.index_mb[name]
+                 + 2 * gen.top_k * cache.adapter_mb()}
         rag = ParametricRAG(bb, cache, gen, ab.decode[ds.lang])
-        for mode in ("parametric", "parametric_docs"):
+        for mode in PRAG_MODES:
+            if row_of(f"prag_{mode}", name) is not None:
+                continue
             start = time.perf_counter()
-            out = rag.answer_many(list(queries["text"]), docs, ds.lang, mode)
+            answers = rag.answer_many(list(queries["text"]), docs, ds.lang, mode)["answers"]
             answer_s = (time.perf_counter() - start) / max(len(queries), 1)
-            answers = out["answers"] if isinstance(out, dict) else out
             scores = generation_metrics(answers, references, ds.lang, default_bertscorer(ds.lang))
-            atomic_write_json(ab.out_dir / "variants" / tag / f"{name}_{mode}.json",
-                              [{"qid": q, "answer": a, "documents": [d for d, _ in row], "references": refs}
-                               for q, a, row, refs in zip(queries["qid"], answers, docs, references)])
-            shared = retrieval_of.get(name, {})
-            rows.append({"variant": f"prag_{mode}", "dataset": name, "seed": seed, "lambda": None,
-                         **{m: shared.get(m) for m in RETRIEVAL_COLUMNS},
-                         **{m: scores[m] for m in GENERATION_COLUMNS}, "n_generation": scores["n"],
-                         "bertscore_model": scores["bertscore_model"],
-                         "trainable_parameters": cache.adapter_parameters(),
-                         "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path)
-                         + gen.top_k * cache.adapter_mb(),
-                         "training_seconds": retrieval.seconds, "seconds_per_question": retrieve_s + answer_s,
-                         "documents_encoded": encoded["encoded"], "documents_reused": encoded["reused"],
-                         "document_encoding_seconds": encode_s})
-    return rows
+            path = ab.out_dir / "variants" / tag / f"{name}_{mode}.json"
+            atomic_write_json(path, [{"qid": q, "answer": a, "documents": [d for d, _ in row], "references": refs}
+                                     for q, a, row, refs in zip(queries["qid"], answers, docs, references)])
+            keep([{"variant": f"prag_{mode}", "dataset": name, "seed": seed, "lambda": None,
+                   **{m: scores[m] for m in GENERATION_COLUMNS}, "n_generation": scores["n"],
+                   "bertscore_model": scores["bertscore_model"], **costs,
+                   "seconds_per_question": found.seconds + answer_s, "answers_file": _relative(ab, path)}])
+        for peer in PRAG_PEERS:
+            source = row_of(peer, name)
+            if source is not None and row_of(f"{peer}{ON_PRAG_QUESTIONS}", name) is None:
+                keep([on_prag_questions(ab, bb, source, queries, references, found.rankings, n_questions)])
+
+
+def _family(variant: str) -> str:
+    if variant.startswith("fully_shared_"):
+        return "fully_shared"
+    if variant.startswith("prag_") or ON_PRAG_QUESTIONS in variant:
+        return "prag"
+    return variant
 
 
 def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: list[float], prag_settings=None,
-                 prag_datasets: list[str] | None = None, prag_questions: int = 0) -> pd.DataFrame:
-    """Every requested variant for every seed (fully shared: every lambda); rows saved as each variant finishes."""
+                 prag_datasets: list[str] | None = None, prag_questions: int = 0,
+                 seed_variants: list[str] | None = None) -> pd.DataFrame:
+    """Every requested row at every seed it runs at (`runs_at_seed`; fully shared: every lambda), saved to
+    results.jsonl as it finishes (Parametric RAG: per data set and mode), so a failure loses only the row in progress.
+
+    `prag_questions` is the number of test questions with an answer Parametric RAG answers per data set (0: all).
+    """
     check_variants(variants)
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one training seed, e.g. [0]")
+    seed_variants = list(seed_variants or [])
+    check_seed_variants(seed_variants, variants, lambdas)
+    skipped = skipped_variants(ab, variants)
+    for variant, why in skipped.items():
+        print(f"skipping {variant}: {why}")
     results_path = ab.out_dir / "results.jsonl"
-    done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
-    rows = list(done)
+    done = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()] \
+        if results_path.is_file() else []
+    rows = [r for r in done if r["variant"] not in skipped]  # never keep a skipped variant's row from an older run
 
     def have(variant: str, seed: int) -> list[dict]:
         return [r for r in rows if r["variant"] == variant and r["seed"] == seed]
 
     def keep(new: list[dict]) -> list[dict]:
         rows.extend(new)
-        from .artefacts import atomic_write_text
-
         atomic_write_text(results_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return new
 
+    todo = [v for v in variants if v not in skipped]
+    todo = [v for v in todo if v != "prag"] + [v for v in todo if v == "prag"]  # prag last: its peers come first
     for seed in seeds:
+        def at(name: str) -> bool:
+            return runs_at_seed(name, seed, seeds, seed_variants)
+
         shared = have("bsharedrag", seed)
-        if not shared and ({"bsharedrag", "separate_backbones", "prag"} & set(variants)):
+        if not shared and any(v in todo and at(v) for v in ("bsharedrag", "separate_backbones", "prag")):
             shared = keep(adapted_variant(ab, "bsharedrag", seed, True, "hard"))
-        for variant in variants:
-            if variant in ("bsharedrag",):
+        for variant in todo:
+            if variant == "bsharedrag":
                 continue
             if variant == "fully_shared":
                 for lam in lambdas:
-                    if not have(f"fully_shared_{lam:g}", seed):
+                    if at(f"fully_shared_{lam:g}") and not have(f"fully_shared_{lam:g}", seed):
                         keep(fully_shared_variant(ab, lam, seed))
                 continue
+            if not at(variant):
+                continue
             if variant == "prag":
-                if not have("prag_parametric", seed):
-                    keep(prag_variant(ab, seed, prag_settings, prag_datasets or list(ab.sets), prag_questions, shared))
+                prag_variant(ab, seed, prag_settings, prag_datasets or list(ab.sets), prag_questions, rows, keep)
                 continue
             if have(variant, seed):
                 continue
@@ -459,15 +618,20 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
             elif variant == "base_rag":
                 keep(base_rag_variant(ab, seed))
     frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
     order = {v: i for i, v in enumerate(["bsharedrag"] + [v for v in variants if v != "bsharedrag"])}
-    family = {"fully_shared_": "fully_shared", "prag_": "prag"}
-    frame["_order"] = [order.get(next((f for p, f in family.items() if v.startswith(p)), v), 99)
-                       for v in frame["variant"]]
+    frame["_order"] = [order.get(_family(v), 99) for v in frame["variant"]]
     return frame.sort_values(["_order", "variant", "dataset", "seed"]).drop(columns="_order").reset_index(drop=True)
 
 
 def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """The results of 07 in several runs (e.g. one per seed or per backbone) in one long-form frame."""
+    """The results of 07 in several runs (e.g. one per seed or per backbone) in one long-form frame with a `run`
+    column: (run, seed) is what tells replicates apart, as every run has its own seed 0."""
+    names = [Path(run).name for run in run_dirs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"run(s) {twice} are listed more than once in gather_runs; list each run once")
     frames = []
     for run in run_dirs:
         path = Path(run) / "07_ablations" / "results.jsonl"
@@ -478,40 +642,61 @@ def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-CLAIMS = (  # the paper's directions: (claim, BSharedRAG's side, the other side)
+CLAIMS = (  # the paper's directions: (claim, the side expected to be at least as good, the other side)
     ("shared backbone >= separate retriever (MiniLM)", "bsharedrag", "separate_minilm"),
     ("shared backbone >= separate retriever (BM25)", "bsharedrag", "separate_bm25"),
     ("shared backbone >= fully shared (best lambda)", "bsharedrag", "fully_shared"),
     ("continual pre-training helps", "bsharedrag", "wo_cpt"),
     ("hard negatives help", "bsharedrag", "wo_hard_negatives"),
     ("retrieval helps", "bsharedrag", "closed_book"),
-    ("BSharedRAG >= Parametric RAG (+ documents)", "bsharedrag", "prag_parametric_docs"),
     ("generation LoRA >= bare backbone, same documents", "bsharedrag", "base_rag"),
+    ("BSharedRAG >= Parametric RAG (+ documents), same questions", f"bsharedrag{ON_PRAG_QUESTIONS}",
+     "prag_parametric_docs"),
+    ("BSharedRAG >= Parametric RAG (parametric only), same questions", f"bsharedrag{ON_PRAG_QUESTIONS}",
+     "prag_parametric"),
+    ("document LoRAs add to in-context documents, same questions", "prag_parametric_docs",
+     f"base_rag{ON_PRAG_QUESTIONS}"),
 )
+DIRECTION_COLUMNS = ("claim", "dataset", "metric", "ours", "other", "ours_mean", "other_mean", "margin", "spread",
+                     "replicates", "verdict", "holds")
+
+
+def _side(stats: pd.DataFrame, variant: str, dataset: str, metric: str) -> dict | None:
+    if (variant, dataset) not in stats.index:
+        return None
+    mean, std, n = (stats.loc[(variant, dataset), (metric, k)] for k in ("mean", "std", "count"))
+    if pd.isna(mean):
+        return None
+    return {"variant": variant, "mean": float(mean), "std": 0.0 if pd.isna(std) else float(std), "n": int(n)}
 
 
 def directions(results: pd.DataFrame, metrics: tuple[str, ...] = ("ndcg@5", "bleu3", "rougeL")) -> pd.DataFrame:
-    """Per data set and metric, whether each of the paper's directions holds here (means over seeds; the fully
-    shared side is its best lambda); `margin` is BSharedRAG minus the other side."""
-    means = results.groupby(["variant", "dataset"])[list(metrics)].mean(numeric_only=True)
+    """Per claim, data set and metric: our side's mean over replicates against the other's (Fully Shared: its best
+    lambda), with a verdict.
+
+    `margin` is ours minus theirs; a margin within `spread` (the larger sample std over replicates of the two sides;
+    0 with one replicate each) is a `tie`, not a direction held. Retrieval metrics are compared only where both sides
+    rank with a retriever of their own (base_rag and Parametric RAG reuse bsharedrag's: their margin would be 0).
+    """
+    metrics = [m for m in metrics if m in results.columns]
+    stats = results.groupby(["variant", "dataset"])[metrics].agg(["mean", "std", "count"])
+    variants = list(stats.index.get_level_values(0).unique())
     out = []
     for claim, ours, other in CLAIMS:
+        candidates = [v for v in variants if v.startswith("fully_shared_")] if other == "fully_shared" else [other]
         for dataset in sorted(results["dataset"].unique()):
             for metric in metrics:
-                if (ours, dataset) not in means.index:
+                if metric in RETRIEVAL_COLUMNS and not (has_own_retriever(ours) and has_own_retriever(other)):
                     continue
-                if other == "fully_shared":
-                    sides = [v for v in means.index.get_level_values(0).unique() if v.startswith("fully_shared_")]
-                    values = [means.loc[(v, dataset), metric] for v in sides if (v, dataset) in means.index]
-                    values = [v for v in values if pd.notna(v)]
-                    theirs = max(values) if values else float("nan")
-                elif (other, dataset) in means.index:
-                    theirs = means.loc[(other, dataset), metric]
-                else:
+                mine = _side(stats, ours, dataset, metric)
+                theirs = [s for s in (_side(stats, v, dataset, metric) for v in candidates) if s]
+                if mine is None or not theirs:
                     continue
-                mine = means.loc[(ours, dataset), metric]
-                if pd.isna(mine) or pd.isna(theirs):
-                    continue
-                out.append({"claim": claim, "dataset": dataset, "metric": metric, "bsharedrag": float(mine),
-                            "other": float(theirs), "margin": float(mine - theirs), "holds": bool(mine >= theirs)})
-    return pd.DataFrame(out)
+                best = max(theirs, key=lambda s: s["mean"])
+                margin, spread = mine["mean"] - best["mean"], max(mine["std"], best["std"])
+                verdict = "tie" if abs(margin) <= spread + 1e-12 else "holds" if margin > 0 else "fails"
+                out.append({"claim": claim, "dataset": dataset, "metric": metric, "ours": ours,
+                            "other": best["variant"], "ours_mean": mine["mean"], "other_mean": best["mean"],
+                            "margin": margin, "spread": spread, "replicates": min(mine["n"], best["n"]),
+                            "verdict": verdict, "holds": verdict == "holds"})
+    return pd.DataFrame(out, columns=list(DIRECTION_COLUMNS))

@@ -88,9 +88,10 @@ def loss_curves(results: dict[str, dict], title: str = "retrieval adapter: InfoN
     return fig
 
 
-# --- ablations (07): seeds summarised as mean ± sample std ---------------------------------------------------------
+# --- ablations (07): replicates summarised as mean ± sample std ----------------------------------------------------
 
-COST_COLUMNS = ("trainable_parameters", "inference_memory_mb", "seconds_per_question", "training_seconds")
+COST_COLUMNS = ("trainable_parameters", "training_seconds", "documents_encoded", "document_encoding_seconds",
+                "inference_memory_mb", "seconds_per_question")
 PLUS_MINUS = "±"
 MISSING = "–"
 
@@ -102,13 +103,19 @@ def _require(frame: pd.DataFrame, columns, what: str) -> None:
 
 
 def summarise(results: pd.DataFrame, metrics: tuple[str, ...] | list[str]) -> pd.DataFrame:
-    """Mean and sample std over seeds of each metric per (variant, dataset), with mean costs and `lambda` carried."""
+    """Mean and sample std over replicates of each metric per (variant, dataset), with mean costs and `lambda` carried.
+
+    A replicate is a (run, seed) pair where results has a `run` column (runs gathered together each have their own
+    seed 0), else a seed; `seeds` counts them.
+    """
     metrics = list(metrics)
     _require(results, ["variant", "dataset", "seed", *metrics], "results")
-    repeated = results.duplicated(["variant", "dataset", "seed"], keep=False)
+    key = ["variant", "dataset", *(["run"] if "run" in results.columns else []), "seed"]
+    repeated = results.duplicated(key, keep=False)
     if repeated.any():
-        rows = results.loc[repeated, ["variant", "dataset", "seed"]].drop_duplicates().to_records(index=False).tolist()
-        raise ValueError(f"results has more than one row for (variant, dataset, seed) {rows}; keep one per seed")
+        rows = results.loc[repeated, key].drop_duplicates().to_records(index=False).tolist()
+        raise ValueError(f"results has more than one row for ({', '.join(key)}) {rows}; keep one per replicate "
+                         "(a run gathered twice?)")
     groups = results.groupby(["variant", "dataset"], sort=False)
     summary = groups.size().rename("seeds").to_frame()
     for m in metrics:
@@ -178,7 +185,8 @@ def save_results_table(summary: pd.DataFrame, metrics: tuple[str, ...] | list[st
     datasets = list(dict.fromkeys(summary["dataset"]))
     tables = {d: results_table(summary, metrics, d, variants, digits) for d in datasets}
     seeds = sorted(set(summary["seeds"].astype(int)))
-    note = f"mean {PLUS_MINUS} sample std over {'/'.join(map(str, seeds))} seeds" if max(seeds) > 1 else "one seed"
+    note = (f"mean {PLUS_MINUS} sample std over {'/'.join(map(str, seeds))} replicates (run, seed)" if max(seeds) > 1
+            else "one seed")
     md = [f"{caption}\n" if caption else "", f"_{note}; {MISSING} where the variant does not produce the metric._\n"]
     md += [f"## {d}\n\n{t.to_markdown()}\n" for d, t in tables.items()]
 

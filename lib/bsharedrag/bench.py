@@ -15,11 +15,13 @@ import torch
 
 from . import paths
 from .artefacts import atomic_write_json
-from .backbone import DEFAULT_BACKBONE, embed, load_backbone, prepare_default_backbone, tokenize_for_embedding
+from .backbone import embed, load_backbone, prepare_default_backbone, tokenize_for_embedding
+from .config import load_config
 from .data import load_dataset
 from .devices import measure_matmul_tflops
 from .index import build_dense_index, load_dense_index, search_dense
 from .retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
+from .pretrain import backbone_for_run
 from .steps import versions
 
 
@@ -32,63 +34,77 @@ def body_flops_per_token(model: torch.nn.Module, mean_tokens: float) -> float:
     return 2 * weights + 4 * config.num_hidden_layers * width * mean_tokens / 2  # causal: half the context on average
 
 
-def _sentence_transformer(folder: Path, adapter: Path, max_length: int):
+def _sentence_transformer(folder: Path, adapter: Path, max_length: int, pooling: str, dtype: torch.dtype):
     from sentence_transformers import SentenceTransformer, models
 
-    body = models.Transformer(str(folder), max_seq_length=max_length)
-    pooling = models.Pooling(body.get_embedding_dimension(), pooling_mode="lasttoken")
-    st = SentenceTransformer(modules=[body, pooling, models.Normalize()], device="cpu")
+    body = models.Transformer(str(folder), max_seq_length=max_length, model_args={"dtype": dtype})
+    mode = {"last": "lasttoken", "mean": "mean"}[pooling]
+    st = SentenceTransformer(modules=[body, models.Pooling(body.get_embedding_dimension(), pooling_mode=mode),
+                                      models.Normalize()], device="cpu")
     st.load_adapter(str(adapter))
     return st
+
+
+def _time_sentence_transformer(st, texts: list[str], max_length: int, batch_size: int) -> tuple[float, int]:
+    st.encode(texts[:batch_size], batch_size=batch_size)  # warm-up
+    start = time.perf_counter()
+    st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
+    seconds = time.perf_counter() - start
+    return seconds, sum(min(len(x), max_length) for x in st.tokenizer(texts)["input_ids"])
 
 
 def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length: int = 128, batch_size: int = 32,
                   seed: int = 0) -> dict:
     figures: dict = {"versions": versions(), "torch_threads": torch.get_num_threads()}
-    figures["fp32_tflops"] = measure_matmul_tflops(torch.float32, "cpu", n=1024, seconds=2.0)
-    figures["bf16_tflops"] = measure_matmul_tflops(torch.bfloat16, "cpu", n=512, seconds=2.0)
+    # The limit is the best of a few square sizes, the same sizes for both dtypes.
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        figures[f"{name}_tflops"] = max(measure_matmul_tflops(dtype, "cpu", n=n, seconds=1.0) for n in (512, 1024, 2048))
 
     ds = load_dataset("epqa", seed)
     passages = [p for p in ds.passages()]
     rng = np.random.default_rng(seed)
     texts = [passages[i] for i in rng.choice(len(passages), n_docs, replace=False)]
-    bb = load_backbone(DEFAULT_BACKBONE)
+    source = str(prepare_default_backbone())
+    if run_dir:  # the backbone the run's adapter was trained on (01's, where the run continually pre-trained)
+        common = load_config(Path(run_dir) / "resolved.yaml")["common"]
+        source = backbone_for_run(str(source), run_dir, common["use_pretrained_backbone"])
+    bb = load_backbone(source)
     adapter = run_dir / "03_retriever" / "adapters" / "hard" if run_dir else None
     if adapter is not None and adapter.is_dir():
-        attach_retrieval_adapter(bb, adapter)
+        settings = attach_retrieval_adapter(bb, adapter)
     else:  # no trained adapter at hand: a fresh one costs the same to run
         settings = RetrieverSettings()
         add_retrieval_adapter(bb, settings)
         adapter = paths.cache_dir() / "bench-adapter"
         save_retrieval_adapter(bb, settings, adapter)
-    figures["adapter"] = str(adapter)
+    pooling = settings.pooling
+    figures.update({"adapter": str(adapter), "pooling": pooling})
     figures["compute_dtype"] = str(bb.dtype)
     tokens = sum(len(r) for r in tokenize_for_embedding(bb.tokenizer, texts, max_length, warn=False))
     flops = body_flops_per_token(bb.model, tokens / n_docs)
-    embed(bb, texts[:batch_size], max_length=max_length, batch_size=batch_size)  # warm-up
+    embed(bb, texts[:batch_size], (pooling,), max_length=max_length, batch_size=batch_size)  # warm-up
     start = time.perf_counter()
-    ours = embed(bb, texts, max_length=max_length, batch_size=batch_size, desc="bench")["last"]
+    ours = embed(bb, texts, (pooling,), max_length=max_length, batch_size=batch_size, desc="bench")[pooling]
     seconds = time.perf_counter() - start
     figures.update({"docs": n_docs, "tokens": tokens, "gflops_per_token": flops / 1e9, "ours_seconds": seconds,
                     "ours_tokens_per_s": tokens / seconds, "ours_tflops": tokens / seconds * flops / 1e12})
     figures["ours_share_of_fp32_limit"] = figures["ours_tflops"] / figures["fp32_tflops"]
     figures["ours_share_of_bf16_limit"] = figures["ours_tflops"] / figures["bf16_tflops"]
 
-    st = _sentence_transformer(prepare_default_backbone(), adapter, max_length)
-    st.encode(texts[:batch_size], batch_size=batch_size)
-    start = time.perf_counter()
-    st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
-    st_seconds = time.perf_counter() - start
-    st_tokens = sum(min(len(x), max_length) for x in st.tokenizer(texts)["input_ids"])
-    figures.update({"st_seconds": st_seconds, "st_tokens_per_s": st_tokens / st_seconds,
-                    "ours_over_st_speed": (tokens / seconds) / (st_tokens / st_seconds)})
+    # sentence-transformers runs the same model and adapter with its weights in fp32 (its default) and in bf16.
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        st = _sentence_transformer(Path(source), adapter, max_length, pooling, dtype)
+        st_seconds, st_tokens = _time_sentence_transformer(st, texts, max_length, batch_size)
+        figures.update({f"st_{name}_seconds": st_seconds, f"st_{name}_tokens_per_s": st_tokens / st_seconds,
+                        f"ours_over_st_{name}_speed": (tokens / seconds) / (st_tokens / st_seconds)})
+        del st
 
     build_dense_index(ours, [f"d{i}" for i in range(n_docs)], {"encoder": "bench"}, paths.cache_dir() / "bench-index")
     index, doc_of, _ = load_dense_index(paths.cache_dir() / "bench-index")
     latencies = []
     for q in list(ds.split("test")["text"])[:n_queries]:
         start = time.perf_counter()
-        search_dense(index, doc_of, embed(bb, [q], max_length=max_length, desc="query")["last"], 10)
+        search_dense(index, doc_of, embed(bb, [q], (pooling,), max_length=max_length, desc="query")[pooling], 10)
         latencies.append(time.perf_counter() - start)
     figures.update({"query_latency_p50_ms": 1000 * float(np.percentile(latencies, 50)),
                     "query_latency_p95_ms": 1000 * float(np.percentile(latencies, 95)), "queries": len(latencies)})
@@ -110,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{figures['ours_tokens_per_s']:.0f} tokens/s = {figures['ours_tflops']:.3f} TFLOP/s = "
           f"{100 * figures['ours_share_of_fp32_limit']:.0f}% of the fp32 limit, "
           f"{100 * figures['ours_share_of_bf16_limit']:.0f}% of the bf16 limit")
-    print(f"sentence-transformers, same model + adapter: {figures['st_tokens_per_s']:.0f} tokens/s; "
-          f"ours / theirs = {figures['ours_over_st_speed']:.2f}x")
+    for name in ("fp32", "bf16"):
+        print(f"sentence-transformers, same model + adapter, {name} weights: {figures[f'st_{name}_tokens_per_s']:.0f} "
+              f"tokens/s; ours / theirs = {figures[f'ours_over_st_{name}_speed']:.2f}x")
     print(f"query latency (encode + exact search over {figures['docs']} docs): "
           f"p50 {figures['query_latency_p50_ms']:.0f} ms, p95 {figures['query_latency_p95_ms']:.0f} ms")
     print(f"figures written to {out}")

@@ -69,7 +69,8 @@ RESUME_NEUTRAL = ("save_every",)  # settings that change when a checkpoint is wr
 def training_fingerprint(settings: Any, data: str, **identity: str) -> dict:
     """What a training checkpoint must match to be resumed: the settings dataclass, a hash of the training data, and
     the identity of what is trained (backbone=..., tokenizer=...)."""
-    kept = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RESUME_NEUTRAL}
+    left_out = set(RESUME_NEUTRAL) | set(getattr(settings, "inert", ()))  # `inert`: what its method ignores
+    kept = {k: v for k, v in dataclasses.asdict(settings).items() if k not in left_out}
     return json.loads(json.dumps({"settings": kept, "data": data, **identity}, sort_keys=True, default=str))
 
 

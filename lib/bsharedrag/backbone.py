@@ -34,6 +34,9 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str = ""  # of the base weights as loaded, before any adapter is attached
+    # Set when these weights are a Separate RAG copy (separate.py): {"task": retrieval | generation, "identity":
+    # "<task>-copy:<sha256 of its layers>", None until saved}; encoders then name the copy in their identity.
+    fine_tuned: dict | None = None
 
     def __post_init__(self) -> None:
         self.fingerprint = self.fingerprint or weights_fingerprint(self.model)
@@ -114,6 +117,45 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | None = Non
         tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval()
     return Backbone(name_or_path, model, tokenizer, dev, pick_compute_dtype(dev, compute_dtype))
+
+
+FINE_TUNING_METHODS = ("lora", "full")
+
+
+def check_method(method: str) -> None:
+    if method not in FINE_TUNING_METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; use \"lora\" (an adapter on the frozen backbone) "
+                         "or \"full\" (the top lora_layers decoder layers themselves)")
+
+
+def inert_settings(method: str) -> tuple[str, ...]:
+    """Settings that `method` ignores: left out of checkpoint fingerprints, so LoRA checkpoints of before `method`
+    existed still resume."""
+    return ("method", "full_learning_rate") if method == "lora" else \
+        ("lora_r", "lora_alpha", "target_modules", "learning_rate")
+
+
+def top_layer_parameters(model: torch.nn.Module, n: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the top `n` decoder layers (all layers when n is 0), by their name in the model."""
+    if n < 0:
+        raise ValueError(f"lora_layers is {n}; give the number of top decoder layers to train, or 0 for all")
+    layers = list(body_of(model).layers)
+    chosen = {id(p) for layer in (layers[-n:] if n else layers) for p in layer.parameters()}
+    return {name: p for name, p in model.named_parameters() if id(p) in chosen}
+
+
+def train_top_layers(backbone: Backbone, n: int, task: str) -> PreTrainedModel:
+    """Make the top `n` decoder layers of a bare backbone trainable (all when 0) and freeze everything else."""
+    if hasattr(backbone.model, "peft_config") or backbone.fine_tuned is not None:
+        raise ValueError(f"the backbone {backbone.name} already carries adapters or a fine-tuned copy; load a fresh "
+                         f"backbone to fine-tune a {task} copy")
+    trained = top_layer_parameters(backbone.model, n)
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    for p in trained.values():
+        p.requires_grad_(True)
+    backbone.fine_tuned = {"task": task, "identity": None}
+    return backbone.model
 
 
 def body_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,8 +33,18 @@ class BackboneEncoder:
     def identity(self) -> dict:
         return {"encoder": "backbone", "backbone": self.backbone.name,
                 "backbone_fingerprint": self.backbone.fingerprint, "tokenizer": self.backbone.tokenizer_fingerprint,
-                "adapter": self.adapter_id, "pooling": self.pooling, "prefix": [self.query_prefix, self.passage_prefix],
-                "max_length": self.max_length}
+                "adapter": self._weights_id(), "pooling": self.pooling,
+                "prefix": [self.query_prefix, self.passage_prefix], "max_length": self.max_length}
+
+    def _weights_id(self) -> str | None:
+        """The adapter's identity; on a Separate RAG copy, the copy's (the base fingerprint does not see its layers)."""
+        tuned = self.backbone.fine_tuned
+        if tuned is None:
+            return self.adapter_id
+        if tuned["identity"] is None:
+            raise ValueError(f"the backbone's fine-tuned {tuned['task']} layers are not saved yet, so nothing names "
+                             "them in an index or the embedding cache; save them first with separate.save_copy")
+        return "+".join(filter(None, [tuned["identity"], self.adapter_id]))
 
     def _active(self):
         """The shared backbone with this encoder's adapter switched on, or with every adapter off."""

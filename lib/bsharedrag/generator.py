@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from . import adapters
 from .artefacts import CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
     training_fingerprint
-from .backbone import Backbone
+from .backbone import Backbone, check_method, inert_settings, train_top_layers
 from .data import RetrievalDataset
 from .devices import autocast
 from .lm import causal_lm_nll
@@ -52,6 +52,19 @@ class GeneratorSettings:
     prompt_zh: str = PROMPT_ZH
     save_every: int = 0  # steps between resumable checkpoints; 0 saves none
     seed: int = 0
+    method: str = "lora"  # "full": fine-tune the top lora_layers decoder layers themselves (Separate RAG's copies)
+    full_learning_rate: float = 2e-5  # method "full": whole weight matrices move, so a smaller step than a LoRA's
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+
+    @property
+    def inert(self) -> tuple[str, ...]:
+        return inert_settings(self.method)
+
+    @property
+    def method_learning_rate(self) -> float:
+        return self.full_learning_rate if self.method == "full" else self.learning_rate
 
     def template(self, lang: str) -> str:
         if lang not in ("en", "zh"):
@@ -156,6 +169,16 @@ def _answer_only_trainer():
                 loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages, the count is global
             return (loss, None) if return_outputs else loss
 
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            if state_dict is None and not isinstance(self.model, PeftModel):  # full fine-tuning of the top layers
+                state_dict = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            super()._save(output_dir, state_dict)
+
+        def _issue_warnings_after_load(self, load_result) -> None:
+            # A full fine-tuning checkpoint holds the trained layers only: the frozen rest is missing by design.
+            if isinstance(self.model, PeftModel) or load_result.unexpected_keys:
+                super()._issue_warnings_after_load(load_result)
+
     return AnswerOnlySFTTrainer
 
 
@@ -178,6 +201,9 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
                              checkpoint_dir: str | Path) -> dict:
     """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint.
 
+    With `settings.method` "full" the trainer fine-tunes the bare backbone's top `lora_layers` decoder layers instead,
+    at `full_learning_rate`, and its checkpoints hold those layers only (see separate.py).
+
     Checkpoints made with other settings, backbone, tokenizer or examples are moved aside and training starts fresh.
     """
     from datasets import Dataset
@@ -191,11 +217,14 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
                                        tokenizer=backbone.tokenizer_fingerprint)
     resumable_checkpoint(checkpoint_dir, fingerprint)
     atomic_write_json(checkpoint_dir / CHECKPOINT_FINGERPRINT, fingerprint)
-    model = add_generation_adapter(backbone, settings)
+    if settings.method == "full":
+        model = train_top_layers(backbone, settings.lora_layers, GENERATION_ADAPTER)
+    else:
+        model = add_generation_adapter(backbone, settings)
     bf16 = backbone.dtype == torch.bfloat16
     args = SFTConfig(
         output_dir=str(checkpoint_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, lr_scheduler_type="linear",
+        learning_rate=settings.method_learning_rate, lr_scheduler_type="linear",
         warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), weight_decay=0.0, logging_steps=1,
         save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
         save_total_limit=1, report_to=[], seed=settings.seed, data_seed=settings.seed, bf16=bf16,
@@ -228,8 +257,17 @@ def attach_generation_adapter(backbone: Backbone, adapter_dir: str | Path,
 
 
 def active_adapter(backbone: Backbone, name: str | None):
-    """A context in which the shared backbone runs with adapter `name` only, or with none (name None)."""
+    """A context in which the shared backbone runs with adapter `name` only, or with none (name None).
+
+    A Separate RAG copy (backbone.fine_tuned) plays its task's adapter with its own weights.
+    """
     model = backbone.model
+    tuned = backbone.fine_tuned
+    if tuned is not None and not isinstance(model, PeftModel):
+        if name != tuned["task"]:
+            raise ValueError(f"the backbone holds the fine-tuned {tuned['task']} copy {tuned['identity']}, which "
+                             f"cannot run as {name or 'the bare backbone'!r}; load a fresh backbone for that")
+        return contextlib.nullcontext()
     if name is None:
         return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     if not isinstance(model, PeftModel) or name not in model.peft_config:

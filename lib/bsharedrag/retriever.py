@@ -21,7 +21,8 @@ from transformers import get_linear_schedule_with_warmup
 from . import adapters
 from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, resumable_checkpoint, sha256_json, \
     training_fingerprint
-from .backbone import Backbone, body_pool, pad_rows, tokenize_for_embedding
+from .backbone import Backbone, body_pool, check_method, inert_settings, pad_rows, tokenize_for_embedding, \
+    train_top_layers
 from .progress import progress
 
 RETRIEVAL_ADAPTER = "retrieval"
@@ -51,6 +52,19 @@ class RetrieverSettings:
     passage_prefix: str = ""
     save_every: int = 0  # steps between resumable checkpoints; 0 saves none
     seed: int = 0
+    method: str = "lora"  # "full": fine-tune the top lora_layers decoder layers themselves (Separate RAG's copies)
+    full_learning_rate: float = 2e-5  # method "full": whole weight matrices move, so a smaller step than a LoRA's
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+
+    @property
+    def inert(self) -> tuple[str, ...]:
+        return inert_settings(self.method)
+
+    @property
+    def method_learning_rate(self) -> float:
+        return self.full_learning_rate if self.method == "full" else self.learning_rate
 
 
 class PooledEncoder(torch.nn.Module):
@@ -164,11 +178,28 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     return float(loss.detach())
 
 
-def _save_checkpoint(path: Path, model: PeftModel, optimizer, scheduler, step: int, losses: list[float],
-                     history: list[dict], auxiliary_losses: list[float], fingerprint: dict) -> None:
+def _trained_state(model: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """What training changes: the LoRA's tensors, or (method "full") the trained layers' own."""
+    if method == "full":
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER)
+
+
+def _restore_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], method: str) -> None:
+    if method == "lora":
+        set_peft_model_state_dict(model, state, adapter_name=RETRIEVAL_ADAPTER)
+        return
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the checkpoint holds tensors this model lacks ({unexpected[:3]}); delete the checkpoint")
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, method: str, optimizer, scheduler, step: int,
+                     losses: list[float], history: list[dict], auxiliary_losses: list[float],
+                     fingerprint: dict) -> None:
     with atomic_dir(path) as staging:
         atomic_write_json(staging / CHECKPOINT_FINGERPRINT, fingerprint)
-        torch.save({"adapter": get_peft_model_state_dict(model, adapter_name=RETRIEVAL_ADAPTER),
+        torch.save({"adapter": _trained_state(model, method),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "step": step, "losses": losses, "history": history, "auxiliary_losses": auxiliary_losses},
                    staging / "state.pt")
@@ -189,6 +220,9 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
                             retrieval_weight: float = 1.0, auxiliary=None, auxiliary_data: str = "") -> dict:
     """Train the `retrieval` LoRA on `groups` for `settings.steps` steps; resumes from checkpoint_dir if one is there.
 
+    With `settings.method` "full" the same loop fine-tunes the bare backbone's top `lora_layers` decoder layers
+    instead, at `full_learning_rate` (see separate.py).
+
     A checkpoint made with other settings, backbone, tokenizer or training data is moved aside and training starts
     fresh. Returns the loss per step and the validation results `validate(step)` gave every `validate_every` steps.
     `auxiliary(step, model, accelerator)`, if given, backpropagates a second loss into the same LoRA each step and
@@ -200,11 +234,16 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     if accelerator is None:
         mixed = "bf16" if backbone.dtype == torch.bfloat16 else "fp16" if backbone.dtype == torch.float16 else "no"
         accelerator = Accelerator(mixed_precision=mixed, cpu=backbone.device.type == "cpu")
-    model = backbone.model if isinstance(backbone.model, PeftModel) else add_retrieval_adapter(backbone, settings)
+    if settings.method == "full":
+        model = train_top_layers(backbone, settings.lora_layers, RETRIEVAL_ADAPTER)
+    elif isinstance(backbone.model, PeftModel):
+        model = backbone.model
+    else:
+        model = add_retrieval_adapter(backbone, settings)
     model.train()
     encoder = PooledEncoder(model, settings.pooling)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=settings.method_learning_rate, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * settings.steps), settings.steps)
     # The scheduler stays out of prepare(): accelerate would step it once per process, decaying N times too fast.
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
@@ -217,7 +256,7 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     accelerator.wait_for_everyone()
     if latest is not None and (latest / "state.pt").is_file():
         state = torch.load(latest / "state.pt", weights_only=False)
-        set_peft_model_state_dict(model, state["adapter"], adapter_name=RETRIEVAL_ADAPTER)
+        _restore_trained_state(model, state["adapter"], settings.method)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, losses, history = state["step"], state["losses"], state["history"]
@@ -245,8 +284,8 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
             history.append({"step": done, **validate(done)})
             model.train()
         if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
-            _save_checkpoint(latest, model, optimizer, scheduler, done, losses, history, auxiliary_losses,
-                             fingerprint)
+            _save_checkpoint(latest, model, settings.method, optimizer, scheduler, done, losses, history,
+                             auxiliary_losses, fingerprint)
     model.eval()
     return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
             "processes": accelerator.num_processes, "auxiliary_losses": auxiliary_losses}

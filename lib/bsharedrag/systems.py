@@ -15,11 +15,13 @@ from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
 from .index import build_dense_index, check_documents, check_queries, load_dense_index, search_dense, to_gpus
-from .retriever import adapter_identity, attach_retrieval_adapter
+from .retriever import RETRIEVAL_ADAPTER, adapter_identity, attach_retrieval_adapter
+from .separate import load_copy
 
 BASELINES = ("bm25", "minilm", "backbone_last", "backbone_mean")
 ADAPTED = {"bsharedrag": "hard", "bsharedrag_random_negatives": "random"}  # system -> adapter trained by 03
-SYSTEMS = BASELINES + tuple(ADAPTED)
+SYSTEMS = BASELINES + tuple(ADAPTED)  # what 05 and 06 build and evaluate
+COPIES = {"separate_backbones": "retrieval_copy"}  # system -> Separate RAG's retrieval copy (separate.py), for 07
 
 
 @dataclass
@@ -37,9 +39,9 @@ class EncodeSettings:
 
 
 def check_systems(systems: list[str]) -> None:
-    unknown = [s for s in systems if s not in SYSTEMS]
+    unknown = [s for s in systems if s not in SYSTEMS and s not in COPIES]
     if unknown:
-        raise ValueError(f"unknown retrieval system(s) {unknown}; known: {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown retrieval system(s) {unknown}; known: {', '.join(SYSTEMS + tuple(COPIES))}")
 
 
 def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
@@ -56,6 +58,15 @@ def _encoder(system: str, backbone: Backbone | None, s: EncodeSettings):
         return BackboneEncoder(backbone, trained.pooling, trained.query_prefix, trained.passage_prefix, s.max_length,
                                s.batch_size, adapter=system, adapter_id=adapter_identity(folder),
                                cache_dir=s.cache_dir or None)
+    if system in COPIES:
+        if not s.adapter_root:
+            raise ValueError(f"system {system!r} needs the folder holding its {COPIES[system]} "
+                             "(EncodeSettings.adapter_root)")
+        # The copy's own layers are the encoder (loaded into `backbone`; a no-op when it holds them already), so its
+        # identity names the copy; pooling and prefixes are the ones it was trained with.
+        trained = load_copy(backbone, Path(s.adapter_root) / COPIES[system], task=RETRIEVAL_ADAPTER)
+        return BackboneEncoder(backbone, trained.pooling, trained.query_prefix, trained.passage_prefix, s.max_length,
+                               s.batch_size, cache_dir=s.cache_dir or None)
     return BackboneEncoder(backbone, system.split("_", 1)[1], s.query_prefix, s.passage_prefix, s.max_length,
                            s.batch_size)
 
@@ -101,7 +112,7 @@ def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path,
             build_dense_index(vectors[pooling], doc_ids, {**enc.identity, "corpus_hash": chash},
                               Path(out_dir) / ds.name / f"backbone_{pooling}", settings.index_factory)
             rows.append({"system": f"backbone_{pooling}", "docs": len(doc_ids), "seconds": seconds})
-    for system in [s for s in systems if s in ADAPTED]:
+    for system in [s for s in systems if s in ADAPTED or s in COPIES]:
         start = time.perf_counter()
         enc = _encoder(system, backbone, settings)
         build_dense_index(enc.encode_passages(passages), doc_ids, {**enc.identity, "corpus_hash": chash},

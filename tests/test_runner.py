@@ -96,7 +96,10 @@ def test_chain_ablations_rows_figures_and_tables(tiny_run):
     assert {("prag_parametric", "ecomeval"), ("prag_parametric_docs", "ecomeval")} <= variants
     by = {(r["variant"], r["dataset"]): r for r in rows}
     shared, separate = by[("bsharedrag", "epqa")], by[("separate_backbones", "epqa")]
-    assert separate["bleu3"] == shared["bleu3"] and separate["inference_memory_mb"] > 1.5 * shared["inference_memory_mb"]
+    # Separate RAG (b) trains two copies' top layers: more trainable weights, two backbones, a retriever of its own.
+    assert separate["trainable_parameters"] > 2 * shared["trainable_parameters"]
+    assert separate["inference_memory_mb"] > 1.5 * shared["inference_memory_mb"] and 0 <= separate["ndcg@5"] <= 1
+    assert (tiny_run / "07_ablations" / "components" / "separate" / "seed0" / "retrieval_copy" / "copy.json").is_file()
     assert by[("closed_book", "epqa")].get("ndcg@5") is None and 0 <= by[("fully_shared_0.5", "epqa")]["ndcg@5"] <= 1
     assert by[("prag_parametric", "ecomeval")]["documents_encoded"] + by[("prag_parametric", "ecomeval")][
         "documents_reused"] > 0

@@ -36,6 +36,7 @@ from .generator import settings_from_config as generator_settings
 from .pretrain import backbone_for_run
 from .retriever import save_retrieval_adapter, train_retrieval_adapter, trainable_parameters, training_data
 from .retriever import settings_from_config as retriever_settings
+from .separate import is_copy, load_copy, read_copy_meta, train_generation_copy, train_retrieval_copy
 from .systems import EncodeSettings
 
 VARIANTS = {
@@ -44,7 +45,7 @@ VARIANTS = {
     "wo_hard_negatives": "the retrieval LoRA trained with random instead of mined negatives (+ in-batch)",
     "separate_minilm": "Separate RAG: off-the-shelf MiniLM retriever + the generation LoRA",
     "separate_bm25": "Separate RAG: BM25 + the generation LoRA",
-    "separate_backbones": "Separate RAG: two backbone copies, one per task (its own LoRA each)",
+    "separate_backbones": "Separate RAG: two backbone copies, each with its top layers fine-tuned for its own task",
     "fully_shared": "Fully Shared RAG: ONE LoRA trained on lambda*L_ret + (1-lambda)*L_gen",
     "prag": "Parametric RAG: per-document LoRAs merged at answer time (parametric; parametric + documents)",
     "base_rag": "the backbone without adapters + the retrieval LoRA's documents (Parametric RAG's in-context peer)",
@@ -56,7 +57,7 @@ PRAG_MODES = ("parametric", "parametric_docs")
 ON_PRAG_QUESTIONS = "@prag"  # suffix of a system's row scored on Parametric RAG's questions only
 PRAG_PEERS = ("bsharedrag", "base_rag")
 # rows that rank with bsharedrag's own retriever: a retrieval metric compared with them is bsharedrag against itself
-BORROWED_RETRIEVER = ("base_rag", "separate_backbones", "prag_parametric", "prag_parametric_docs")
+BORROWED_RETRIEVER = ("base_rag", "prag_parametric", "prag_parametric_docs")
 
 
 def check_variants(variants: list[str]) -> None:
@@ -289,7 +290,8 @@ def generation_scores(ab: Ablation, bb: Backbone, generator_dir: Path, rankings:
     """{dataset: generation metrics} of the generation LoRA in `generator_dir` with the top documents of
     `rankings` (None: closed book); `system` base_rag answers with the bare backbone and the same prompts. Each
     carries `answers_file` (relative to the run) and `answers_system`: where its per-question answers are."""
-    settings = attach_generation_adapter(bb, generator_dir)
+    settings = load_copy(bb, generator_dir, GENERATION_ADAPTER) if is_copy(generator_dir) \
+        else attach_generation_adapter(bb, generator_dir)
     system = "closed_book" if rankings is None else system
     out_dir = ab.out_dir / "variants" / tag
     found = evaluate_generation(ab.sets, [system], rankings or {}, bb, settings, ab.decode, ab.questions,
@@ -400,16 +402,28 @@ def separate_retriever_variant(ab: Ablation, variant: str, seed: int) -> list[di
     return _rows(variant, seed, found, answers, costs)
 
 
-def separate_backbones_variant(ab: Ablation, seed: int, shared_rows: list[dict]) -> list[dict]:
-    """Separate RAG with two backbone copies, each carrying its own LoRA: the same weights compute the same
-    embeddings and answers as the shared backbone (06's efficiency check asserts the answers are identical), so the
-    quality columns are bsharedrag's; what differs is the second backbone in memory."""
-    bb = ab.load(True)
-    rows = []
-    for row in shared_rows:
-        rows.append({**row, "variant": "separate_backbones", "inference_memory_mb": row["inference_memory_mb"]
-                     + backbone_mb(bb)})
-    return rows
+def separate_backbones_variant(ab: Ablation, seed: int, learning_rate: float) -> list[dict]:
+    """Separate RAG (b): two backbone copies, each with its top `lora_layers` layers fully fine-tuned for its own task
+    (03's mined groups and 04's examples, their step budgets), held side by side at inference."""
+    root = ab.out_dir / "components" / "separate" / f"seed{seed}"
+    if not is_copy(root / "retrieval_copy"):
+        groups, doc_text = training_data(ab.sets, ab.run_dir / "02_mine_negatives", "hard", ab.common["passage_format"])
+        train_retrieval_copy(ab.load(True), groups, doc_text,
+                             replace(retriever_settings(ab.cfg), seed=seed, full_learning_rate=learning_rate),
+                             root / "retrieval_copy", root / "checkpoints" / "retrieval")
+    if not is_copy(root / "generation_copy"):
+        train_generation_copy(ab.load(True), ab.examples(),
+                              replace(generator_settings(ab.cfg), seed=seed, full_learning_rate=learning_rate),
+                              root / "generation_copy", root / "checkpoints" / "generation")
+    metas = [read_copy_meta(root / c) for c in ("retrieval_copy", "generation_copy")]
+    retriever_bb, generator_bb = ab.load(True), ab.load(True)  # two backbones in memory
+    tag = f"separate_backbones/seed{seed}"
+    found = retrieval_scores(ab, retriever_bb, "separate_backbones", root, tag)
+    answers = generation_scores(ab, generator_bb, root / "generation_copy", found.rankings, tag)
+    costs = {"trainable_parameters": sum(m["trainable_parameters"] for m in metas),
+             "training_seconds": sum(m["train_seconds"] for m in metas),
+             "inference_memory_mb": backbone_mb(retriever_bb) + backbone_mb(generator_bb)}
+    return _rows("separate_backbones", seed, found, answers, costs)
 
 
 def fully_shared_variant(ab: Ablation, lam: float, seed: int) -> list[dict]:
@@ -554,7 +568,7 @@ def _family(variant: str) -> str:
 
 def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: list[float], prag_settings=None,
                  prag_datasets: list[str] | None = None, prag_questions: int = 0,
-                 seed_variants: list[str] | None = None) -> pd.DataFrame:
+                 seed_variants: list[str] | None = None, separate_learning_rate: float = 5e-5) -> pd.DataFrame:
     """Every requested row at every seed it runs at (`runs_at_seed`; fully shared: every lambda), saved to
     results.jsonl as it finishes (Parametric RAG: per data set and mode), so a failure loses only the row in progress.
 
@@ -588,7 +602,7 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
             return runs_at_seed(name, seed, seeds, seed_variants)
 
         shared = have("bsharedrag", seed)
-        if not shared and any(v in todo and at(v) for v in ("bsharedrag", "separate_backbones", "prag")):
+        if not shared and any(v in todo and at(v) for v in ("bsharedrag", "prag")):
             shared = keep(adapted_variant(ab, "bsharedrag", seed, True, "hard"))
         for variant in todo:
             if variant == "bsharedrag":
@@ -612,7 +626,7 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
             elif variant in ("separate_minilm", "separate_bm25"):
                 keep(separate_retriever_variant(ab, variant, seed))
             elif variant == "separate_backbones":
-                keep(separate_backbones_variant(ab, seed, shared))
+                keep(separate_backbones_variant(ab, seed, separate_learning_rate))
             elif variant == "closed_book":
                 keep(closed_book_variant(ab, seed))
             elif variant == "base_rag":
@@ -645,6 +659,7 @@ def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
 CLAIMS = (  # the paper's directions: (claim, the side expected to be at least as good, the other side)
     ("shared backbone >= separate retriever (MiniLM)", "bsharedrag", "separate_minilm"),
     ("shared backbone >= separate retriever (BM25)", "bsharedrag", "separate_bm25"),
+    ("shared backbone >= separate fine-tuned backbones", "bsharedrag", "separate_backbones"),
     ("shared backbone >= fully shared (best lambda)", "bsharedrag", "fully_shared"),
     ("continual pre-training helps", "bsharedrag", "wo_cpt"),
     ("hard negatives help", "bsharedrag", "wo_hard_negatives"),

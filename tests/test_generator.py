@@ -42,6 +42,8 @@ def test_gold_documents_replace_the_lowest_ranked_retrieved_ones():
     assert context_documents(["a", "x", "c"], ["x", "y"], 3) == ["a", "x", "y"]
     assert context_documents(["a", "b"], [], 3) == ["a", "b"]
     assert context_documents(["a", "b", "x"], ["x", "y"], 3) == ["a", "y", "x"]
+    # More gold documents than slots, and the retrieved ones already all gold: nothing is left to replace.
+    assert context_documents(["g4", "g2", "a"], ["g1", "g2", "g3", "g4"], 3) == ["g4", "g2", "g1"]
     assert context_documents([], ["x"], 3) == ["x"]
 
 

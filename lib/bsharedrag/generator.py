@@ -98,6 +98,8 @@ def context_documents(ranked: list[str], gold: list[str], k: int) -> list[str]:
             chosen.append(doc)
             continue
         replaceable = [i for i, d in enumerate(chosen) if d not in gold]
+        if not replaceable:  # the k chosen are all gold already
+            break
         chosen[replaceable[-1]] = doc
     return chosen
 

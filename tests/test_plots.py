@@ -225,6 +225,29 @@ def test_07_builds_indexes_with_05s_factory_and_counts_each_index_in_memory(tmp_
     assert {r["dataset"]: r["inference_memory_mb"] for r in rows} == {"epqa": 503.0, "ecomeval": 501.0}
 
 
+def test_07_sets_aside_rows_and_components_made_from_other_inputs_or_settings(tmp_path, capsys, tally):
+    ab = fake_ablation(tmp_path, {})
+    adapter = tmp_path / "03_retriever" / "adapters" / "hard" / "adapter_model.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"weights v1")
+    context = ablations.ablation_context(ab, {"separate_learning_rate": 5e-5})
+    assert ablations.set_aside_if_stale(ab, context) is None  # nothing made yet
+    (ab.out_dir / "components" / "x").mkdir(parents=True)
+    (ab.out_dir / "results.jsonl").write_text('{"variant": "bsharedrag"}\n')
+    assert ablations.set_aside_if_stale(ab, ablations.ablation_context(ab, {"separate_learning_rate": 5e-5})) is None
+    assert (ab.out_dir / "results.jsonl").is_file()  # same inputs and settings: a resume reuses what was made
+    adapter.write_bytes(b"weights v2")  # 03 retrained its adapter
+    why = ablations.set_aside_if_stale(ab, ablations.ablation_context(ab, {"separate_learning_rate": 5e-5}))
+    assert "03_retriever/adapters/hard/adapter_model.safetensors" in why
+    (aside,) = ab.out_dir.glob("stale-*")
+    assert (aside / "results.jsonl").is_file() and (aside / "components" / "x").is_dir()  # moved, not deleted
+    assert not (ab.out_dir / "results.jsonl").exists() and "set aside" in capsys.readouterr().out
+    (ab.out_dir / "results.jsonl").write_text("{}\n")
+    assert "settings changed" in ablations.set_aside_if_stale(ab, ablations.ablation_context(
+        ab, {"separate_learning_rate": 1e-4}))
+    tally("artefacts compared", 2)
+
+
 def test_seed_variants_choose_the_rows_trained_at_every_seed_and_wo_cpt_needs_cpt(tmp_path, monkeypatch, capsys):
     seeds, chosen = [0, 1, 2], ["bsharedrag", "fully_shared_0.5"]
     assert ablations.runs_at_seed("wo_cpt", 0, seeds, chosen) and not ablations.runs_at_seed("wo_cpt", 1, seeds, chosen)

@@ -13,7 +13,9 @@ answers scored on Parametric RAG's questions only, so that every generation clai
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artefacts import atomic_write_json, atomic_write_text
+from .artefacts import atomic_write_json, atomic_write_text, sha256_file
 from .backbone import Backbone, load_backbone
 from .data import RetrievalDataset
 from .evaluation import evaluate_generation, evaluate_retrieval_systems, generation_questions
@@ -566,6 +568,49 @@ def _family(variant: str) -> str:
     return variant
 
 
+CONTEXT = "context.json"
+# What 07 reads of the steps before it: a change in any of these makes its saved rows and components stale.
+INPUT_GLOBS = ("02_mine_negatives/*.jsonl", "03_retriever/adapters/*/adapter_model.safetensors",
+               "04_generator/adapters/*/adapter_model.safetensors", "04_generator/examples.jsonl",
+               "05_index/indexes/*/*/manifest.json", "06_evaluate/metrics.json")
+
+
+def ablation_context(ab: Ablation, settings: dict) -> dict:
+    """What every saved row and component of 07 depends on: the run's config of 01-06, 07's own settings other than
+    which rows to produce, and the sha256 of each input file 07 reads."""
+    config = {k: v for k, v in ab.cfg.items() if k[:2].isdigit() and k[:2] < "07" or k == "common"}
+    inputs = {str(p.relative_to(ab.run_dir)): sha256_file(p)
+              for pattern in INPUT_GLOBS for p in sorted(ab.run_dir.glob(pattern))}
+    decode = {lang: d.__dict__ for lang, d in ab.decode.items()}
+    blob = json.dumps({"config": config, "settings": settings, "decode": decode, "questions": ab.questions,
+                       "inputs": inputs}, sort_keys=True, default=str)
+    return {"key": hashlib.sha256(blob.encode()).hexdigest(), "inputs": inputs, "settings": settings}
+
+
+def set_aside_if_stale(ab: Ablation, context: dict) -> str | None:
+    """Move 07's saved rows and components aside when they were made under another context (nothing is deleted);
+    returns why, or None when they are current (or there are none)."""
+    path = ab.out_dir / CONTEXT
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    made = [p for p in (ab.out_dir / n for n in ("results.jsonl", "components", "variants", "indexes")) if p.exists()]
+    why = None
+    if made and saved is None:
+        why = f"they carry no {CONTEXT}"
+    elif made and saved["key"] != context["key"]:
+        changed = sorted({*saved["inputs"], *context["inputs"]} - {k for k in context["inputs"]
+                                                                   if saved["inputs"].get(k) == context["inputs"][k]})
+        why = f"inputs changed: {', '.join(changed[:5])}" if changed else "the run's config or 07's settings changed"
+    if why:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(p for p in (ab.out_dir / f"stale-{stamp}-{n}" for n in range(1000)) if not p.exists())
+        aside.mkdir()
+        for p in made:
+            os.replace(p, aside / p.name)
+        print(f"07's earlier rows and components were set aside in {aside.name}/ ({why}); they are made again")
+    atomic_write_json(path, context)
+    return why
+
+
 def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: list[float], prag_settings=None,
                  prag_datasets: list[str] | None = None, prag_questions: int = 0,
                  seed_variants: list[str] | None = None, separate_learning_rate: float = 5e-5) -> pd.DataFrame:
@@ -582,6 +627,9 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
     skipped = skipped_variants(ab, variants)
     for variant, why in skipped.items():
         print(f"skipping {variant}: {why}")
+    set_aside_if_stale(ab, ablation_context(ab, {
+        "prag": prag_settings.__dict__ if prag_settings is not None else None, "prag_datasets": prag_datasets,
+        "prag_questions": prag_questions, "separate_learning_rate": separate_learning_rate}))
     results_path = ab.out_dir / "results.jsonl"
     done = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()] \
         if results_path.is_file() else []

@@ -135,6 +135,26 @@ def inert_settings(method: str) -> tuple[str, ...]:
         ("lora_r", "lora_alpha", "target_modules", "learning_rate")
 
 
+@dataclass
+class FineTuning:
+    """How a task's weights are trained: a LoRA on the frozen backbone, or its top layers themselves ("full"); the
+    settings class adds its own `learning_rate` (the LoRA's)."""
+
+    method: str = "lora"  # "full": fine-tune the top lora_layers decoder layers themselves (Separate RAG's copies)
+    full_learning_rate: float = 2e-5  # method "full": whole weight matrices move, so a smaller step than a LoRA's
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+
+    @property
+    def inert(self) -> tuple[str, ...]:
+        return inert_settings(self.method)
+
+    @property
+    def method_learning_rate(self) -> float:
+        return self.full_learning_rate if self.method == "full" else self.learning_rate
+
+
 def top_layer_parameters(model: torch.nn.Module, n: int) -> dict[str, torch.nn.Parameter]:
     """The parameters of the top `n` decoder layers (all layers when n is 0), by their name in the model."""
     if n < 0:

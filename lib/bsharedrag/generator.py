@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from . import adapters
 from .artefacts import CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
     training_fingerprint
-from .backbone import Backbone, check_method, inert_settings, train_top_layers
+from .backbone import Backbone, FineTuning, train_top_layers
 from .data import RetrievalDataset
 from .devices import autocast
 from .lm import causal_lm_nll
@@ -32,7 +32,7 @@ CLOSED_BOOK_DOCS = {"en": "(no documents)", "zh": "（无文档）"}
 
 
 @dataclass
-class GeneratorSettings:
+class GeneratorSettings(FineTuning):
     """Every knob of generation-adapter training and decoding (04_generator declares each as a parameter)."""
 
     lora_r: int = 16
@@ -52,19 +52,6 @@ class GeneratorSettings:
     prompt_zh: str = PROMPT_ZH
     save_every: int = 0  # steps between resumable checkpoints; 0 saves none
     seed: int = 0
-    method: str = "lora"  # "full": fine-tune the top lora_layers decoder layers themselves (Separate RAG's copies)
-    full_learning_rate: float = 2e-5  # method "full": whole weight matrices move, so a smaller step than a LoRA's
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-
-    @property
-    def inert(self) -> tuple[str, ...]:
-        return inert_settings(self.method)
-
-    @property
-    def method_learning_rate(self) -> float:
-        return self.full_learning_rate if self.method == "full" else self.learning_rate
 
     def template(self, lang: str) -> str:
         if lang not in ("en", "zh"):

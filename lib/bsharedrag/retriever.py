@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from . import adapters
 from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, resumable_checkpoint, sha256_json, \
     training_fingerprint
-from .backbone import Backbone, body_pool, check_method, inert_settings, pad_rows, tokenize_for_embedding, \
+from .backbone import Backbone, FineTuning, body_pool, pad_rows, tokenize_for_embedding, \
     train_top_layers
 from .progress import progress
 
@@ -30,7 +30,7 @@ META = "retriever.json"
 
 
 @dataclass
-class RetrieverSettings:
+class RetrieverSettings(FineTuning):
     """Every knob of retrieval-adapter training (03_retriever declares each as a parameter)."""
 
     lora_r: int = 16
@@ -52,19 +52,6 @@ class RetrieverSettings:
     passage_prefix: str = ""
     save_every: int = 0  # steps between resumable checkpoints; 0 saves none
     seed: int = 0
-    method: str = "lora"  # "full": fine-tune the top lora_layers decoder layers themselves (Separate RAG's copies)
-    full_learning_rate: float = 2e-5  # method "full": whole weight matrices move, so a smaller step than a LoRA's
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-
-    @property
-    def inert(self) -> tuple[str, ...]:
-        return inert_settings(self.method)
-
-    @property
-    def method_learning_rate(self) -> float:
-        return self.full_learning_rate if self.method == "full" else self.learning_rate
 
 
 class PooledEncoder(torch.nn.Module):

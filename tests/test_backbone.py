@@ -79,3 +79,13 @@ def test_fingerprint_tells_weights_apart():
     a = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=0)
     b = load_backbone("tiny-random-gemma3", compute_dtype="float32", seed=1)
     assert a.fingerprint != b.fingerprint and a.tokenizer_fingerprint == b.tokenizer_fingerprint
+
+
+def test_fingerprint_is_the_same_whichever_way_the_folder_is_named(tmp_path, monkeypatch):
+    saved = tmp_path / "backbone"
+    load_backbone("tiny-random-gemma3", compute_dtype="float32").model.save_pretrained(saved)
+    load_backbone("tiny-random-gemma3", compute_dtype="float32").tokenizer.save_pretrained(saved)
+    absolute = load_backbone(str(saved), compute_dtype="float32")
+    monkeypatch.chdir(tmp_path)
+    relative = load_backbone("backbone", compute_dtype="float32")
+    assert absolute.fingerprint == relative.fingerprint  # `bsharedrag ask outputs/<run>` meets 03's adapter

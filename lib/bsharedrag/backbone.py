@@ -50,7 +50,9 @@ class Backbone:
 
 def weights_fingerprint(model: PreTrainedModel) -> str:
     """Changes when the weights or the architecture change: manifests use it to refuse a foreign index."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    # Where the weights were loaded from, and with which library version, is not what they are.
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for _, tensor in list(model.state_dict().items())[:8]:
         digest.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -37,6 +37,11 @@ def test_unknown_key_is_refused_with_the_closest_name(tmp_path, tally):
     ({"common": {"compute_dtype": "fp8"}}, "compute_dtype"),
     ({"run": {"timeout_s": 0}}, "timeout_s"),
     ({"05_index": {"systems": "bm25"}}, "declares it as list"),
+    ({"03_retriever": {"pooling": "meen"}}, "did you mean `mean`"),
+    ({"05_index": {"systems": ["bm25", "splade"]}}, "names 'splade'"),
+    ({"07_ablations": {"variants": ["fully_shard"]}}, "did you mean `fully_shared`"),
+    ({"07_ablations": {"lambdas": [0.5, 1.5]}}, "between 0 and 1"),
+    ({"03_retriever": {"learning_rate": 0}}, "must be > 0"),
 ])
 def test_bad_values_are_refused_before_any_work(override, message, tally):
     tally("bad inputs tried")

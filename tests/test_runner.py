@@ -170,12 +170,12 @@ def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path
     cfg.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"),
                                    "run": {"notebooks": ["05_index", "06_evaluate"]},
                                    "common": {"datasets": ["ecomeval"]},
-                                   "05_index": {"systems": ["bm25", "splade"]}}))
+                                   "05_index": {"systems": ["bm25", "backbone_mean"], "index_factory": "NoSuchIndex"}}))
     assert run.main([str(cfg)]) == 1
     err = capsys.readouterr().err
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert f"the failing cell is marked in {run_dir / '05_index.ipynb'}" in err
-    assert "unknown retrieval system(s) ['splade']" in err
+    assert "NoSuchIndex" in err  # faiss refuses the factory string inside the notebook
     assert not (run_dir / "06_evaluate.ipynb").exists()
 
 

@@ -84,7 +84,52 @@ def _check_against(value: Any, reference: Any, where: str) -> None:
         )
 
 
+def _choices() -> dict[str, tuple]:
+    """The named values each key admits, from the modules that own the names (imported here, not at the top: config
+    stays light for everything that does not validate)."""
+    from .ablations import VARIANTS
+    from .backbone import FINE_TUNING_METHODS, POOLINGS
+    from .data import sources
+    from .evaluation import GENERATION_SYSTEMS
+    from .systems import BASELINES, SYSTEMS
+
+    return {"common.datasets": tuple(sources()), "01_pretrain.method": FINE_TUNING_METHODS,
+            "02_mine_negatives.mining_retriever": BASELINES, "03_retriever.variants": ("hard", "random"),
+            "03_retriever.pooling": POOLINGS, "04_generator.retriever_system": SYSTEMS, "05_index.systems": SYSTEMS,
+            "06_evaluate.systems": SYSTEMS, "06_evaluate.generation_systems": GENERATION_SYSTEMS,
+            "06_evaluate.generation_retriever": SYSTEMS, "07_ablations.variants": tuple(VARIANTS)}
+
+
+# Numbers that must be positive, and shares / weights that must lie in [0, 1].
+POSITIVE = {"learning_rate", "prag_learning_rate", "separate_learning_rate", "temperature", "train_steps",
+            "train_batch_size", "lora_r", "lora_alpha", "prag_lora_r", "block_size", "eval_batch_size",
+            "generation_batch_size"}
+UNIT_INTERVAL = {"general_ratio", "heldout_share", "warmup_ratio", "relative_margin", "lambdas"}
+
+
+def _check_choices_and_numbers(cfg: dict) -> None:
+    for where, allowed in _choices().items():
+        section, key = where.split(".")
+        value = cfg.get(section, {}).get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in allowed:
+                raise ConfigError(f"`{where}` names {item!r}{closest(str(item), list(allowed))}; "
+                                  f"known: {', '.join(map(str, allowed))}")
+    for section, values in cfg.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            numbers = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                continue
+            if key in POSITIVE and any(v <= 0 for v in numbers):
+                raise ConfigError(f"`{section}.{key}` = {value!r} must be > 0")
+            if key in UNIT_INTERVAL and any(not 0 <= v <= 1 for v in numbers):
+                raise ConfigError(f"`{section}.{key}` = {value!r} must lie between 0 and 1")
+
+
 def _check_ranges(cfg: dict) -> None:
+    _check_choices_and_numbers(cfg)
     common = cfg.get("common", {})
     fractions = common.get("split_fractions", [0.7, 0.1, 0.2])
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:

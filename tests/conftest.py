@@ -13,6 +13,20 @@ def tiny_backbone():
     return load_backbone("tiny-random-gemma3", compute_dtype="float32")
 
 
+@pytest.fixture
+def fresh(tiny_backbone):
+    """A new tiny model (the same random weights every time) on the session's tokenizer, which is slow to load."""
+    import torch
+
+    from bsharedrag.backbone import Backbone, tiny_random_model
+
+    def make() -> Backbone:
+        model = tiny_random_model("gemma3", tiny_backbone.tokenizer, seed=0).eval()
+        return Backbone("tiny-random-gemma3", model, tiny_backbone.tokenizer, tiny_backbone.device, torch.float32)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def small_epqa():
     from bsharedrag.data import load_dataset

@@ -4,23 +4,10 @@ import json
 import re
 
 import pytest
-import torch
 from peft import PeftModel
 
-from bsharedrag.backbone import Backbone, tiny_random_model
 from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, \
     save_retrieval_adapter
-
-
-@pytest.fixture
-def fresh(tiny_backbone):
-    """A new tiny model (the same random weights every time) on the session's tokenizer, which is slow to load."""
-
-    def make() -> Backbone:
-        model = tiny_random_model("gemma3", tiny_backbone.tokenizer, seed=0).eval()
-        return Backbone("tiny-random-gemma3", model, tiny_backbone.tokenizer, tiny_backbone.device, torch.float32)
-
-    return make
 
 
 @pytest.fixture

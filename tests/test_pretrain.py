@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from bsharedrag import pretrain
-from bsharedrag.backbone import Backbone, load_backbone, tiny_random_model
+from bsharedrag.backbone import load_backbone
 from bsharedrag.lm import causal_lm_loss
 from bsharedrag.pretrain import (
     PretrainSettings,
@@ -33,17 +33,6 @@ def sets(small_epqa, small_ecomeval):
 def packed(sets, tiny_backbone):
     mix = build_text_mix(sets, "{title}: {text}", "pydoc", 0.1, seed=0)
     return pack_mix(mix, tiny_backbone.tokenizer, block_size=32, seed=0, max_eval_blocks=6)
-
-
-@pytest.fixture
-def fresh(tiny_backbone):
-    """A new tiny model (the same random weights every time) on the session's tokenizer, which is slow to load."""
-
-    def make() -> Backbone:
-        model = tiny_random_model("gemma3", tiny_backbone.tokenizer, seed=0).eval()
-        return Backbone("tiny-random-gemma3", model, tiny_backbone.tokenizer, tiny_backbone.device, torch.float32)
-
-    return make
 
 
 def weights(bb):

@@ -13,7 +13,6 @@ answers scored on Parametric RAG's questions only, so that every generation clai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artefacts import atomic_write_json, atomic_write_text, sha256_file
+from .artefacts import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from .backbone import Backbone, load_backbone
 from .data import RetrievalDataset
 from .evaluation import evaluate_generation, evaluate_retrieval_systems, generation_questions
@@ -582,9 +581,9 @@ def ablation_context(ab: Ablation, settings: dict) -> dict:
     inputs = {str(p.relative_to(ab.run_dir)): sha256_file(p)
               for pattern in INPUT_GLOBS for p in sorted(ab.run_dir.glob(pattern))}
     decode = {lang: d.__dict__ for lang, d in ab.decode.items()}
-    blob = json.dumps({"config": config, "settings": settings, "decode": decode, "questions": ab.questions,
-                       "inputs": inputs}, sort_keys=True, default=str)
-    return {"key": hashlib.sha256(blob.encode()).hexdigest(), "inputs": inputs, "settings": settings}
+    key = sha256_json({"config": config, "settings": settings, "decode": decode, "questions": ab.questions,
+                       "inputs": inputs})
+    return {"key": key, "inputs": inputs, "settings": settings}
 
 
 def set_aside_if_stale(ab: Ablation, context: dict) -> str | None:

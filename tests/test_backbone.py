@@ -89,3 +89,21 @@ def test_fingerprint_is_the_same_whichever_way_the_folder_is_named(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     relative = load_backbone("backbone", compute_dtype="float32")
     assert absolute.fingerprint == relative.fingerprint  # `bsharedrag ask outputs/<run>` meets 03's adapter
+
+
+def test_bf16_compute_holds_bf16_weights_with_the_fp32_fingerprint_and_fp32_adapters(tmp_path):
+    from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter
+
+    saved = tmp_path / "backbone"
+    load_backbone("tiny-random-gemma3", compute_dtype="float32").model.save_pretrained(saved)
+    load_backbone("tiny-random-gemma3", compute_dtype="float32").tokenizer.save_pretrained(saved)
+    fp32 = load_backbone(str(saved), compute_dtype="float32")
+    held = load_backbone(str(saved), compute_dtype="bfloat16")
+    master = load_backbone(str(saved), compute_dtype="bfloat16", weights_dtype="float32")
+    assert {p.dtype for p in held.model.parameters()} == {torch.bfloat16}  # no re-cast per forward pass
+    assert {p.dtype for p in master.model.parameters()} == {torch.float32}
+    assert fp32.fingerprint == held.fingerprint == master.fingerprint  # adapters move between the two
+    model = add_retrieval_adapter(held, RetrieverSettings(lora_layers=0))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    with pytest.raises(ValueError, match="weights_dtype 'half'"):
+        load_backbone("tiny-random-gemma3", weights_dtype="half")

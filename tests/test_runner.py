@@ -120,7 +120,7 @@ def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
     out = compare(tiny_run, n_questions=1, max_new_tokens=4)
     assert out["same_answers"]  # greedy decoding: one shared backbone answers exactly like two separate ones
     assert out["shared"]["switch_ms"] < 50 and out["shared"]["questions"] == 1
-    assert set(out["ratios"]) == {"peak_rss", "model_memory", "question_latency"}
+    assert set(out["ratios"]) == {"peak_rss", "model_memory", "peak_rss_with_load", "question_latency"}
 
 
 def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):

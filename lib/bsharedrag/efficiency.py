@@ -29,6 +29,24 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
+def _hwm_mb() -> float:
+    """The resident peak since the last `_reset_hwm` (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_hwm() -> bool:
+    # Loading passes through transient copies (file pages plus the converted tensors) that serving never holds again;
+    # Linux >= 4.0 restarts the resident peak at the current RSS when "5" is written here.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def switch_cost_ms(rag, repeats: int = 200) -> float:
     """Median wall time of one adapter switch (retrieval <-> generation) on the shared backbone, in milliseconds."""
     from .generator import GENERATION_ADAPTER
@@ -44,7 +62,12 @@ def switch_cost_ms(rag, repeats: int = 200) -> float:
 
 def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_new_tokens: int) -> dict:
     """Answer the first n test questions with one (`shared`) or two (`separate`) backbones; time and weigh it."""
-    import torch  # noqa: F401  (imported before the baseline reading, as both sides need it)
+    # Every library both sides need is imported before the baseline reading, so the figures above it are the
+    # backbones, adapters, index and activations alone.
+    import faiss  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
 
     from .evaluation import generation_questions
     from .generator import DecodeSettings
@@ -55,6 +78,8 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
     rag = BSharedRAG.from_run(run_dir, dataset=dataset, shared=mode == "shared",
                               decode=DecodeSettings(max_new_tokens=max_new_tokens, batch_size=1))
     load_s = time.perf_counter() - start
+    loaded = _rss_mb()
+    reset = _reset_hwm()
     questions = list(generation_questions(rag.dataset, n_questions, seed=0)["text"])
     rag.answer(questions[0])  # warm-up: first calls allocate caches
     per_question, answers = [], []
@@ -63,7 +88,10 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
         per_question.append(out["seconds"])
         answers.append(out["answer"])
     figures = {"mode": mode, "questions": len(questions), "max_new_tokens": max_new_tokens,
-               "load_seconds": load_s, "rss_before_load_mb": base, "peak_rss_mb": _peak_mb(),
+               "load_seconds": load_s, "rss_before_load_mb": base, "rss_after_load_mb": loaded,
+               "peak_rss_with_load_mb": _peak_mb(),
+               # without the reset the serving peak cannot be told from the load's transient copies
+               "peak_rss_mb": _hwm_mb() if reset else _peak_mb(), "serving_peak_measured": reset,
                "retrieve_s": statistics.median(s["retrieve"] for s in per_question),
                "generate_s": statistics.median(s["generate"] for s in per_question),
                "question_s": statistics.median(s["retrieve"] + s["generate"] for s in per_question),
@@ -90,6 +118,7 @@ def compare(run_dir: str | Path, dataset: str | None = None, n_questions: int = 
     shared, separate = out["shared"], out["separate"]
     out["ratios"] = {"peak_rss": shared["peak_rss_mb"] / separate["peak_rss_mb"],
                      "model_memory": shared["model_memory_mb"] / separate["model_memory_mb"],
+                     "peak_rss_with_load": shared["peak_rss_with_load_mb"] / separate["peak_rss_with_load_mb"],
                      "question_latency": shared["question_s"] / separate["question_s"]}
     out["same_answers"] = shared["answers"] == separate["answers"]
     return out

@@ -151,7 +151,9 @@ def _answer_only_trainer():
         """SFTTrainer whose loss runs the LM head on the answer tokens only (lm.causal_lm_nll), never on the prompt."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            total, count = causal_lm_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            # The body is called directly, past the forward that accelerate wraps in autocast: enter it here.
+            with self.accelerator.autocast():
+                total, count = causal_lm_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
             denominator = num_items_in_batch if num_items_in_batch is not None else count
             loss = total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in common["datasets"]}
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     bb = load_backbone(common["backbone"], device=str(accelerator.device), compute_dtype=common["compute_dtype"],
-                       seed=common["seed"])
+                       seed=common["seed"], weights_dtype="float32")  # the merge updates the weights themselves
     mix = build_text_mix(sets, common["passage_format"], section["general_source"], section["heldout_share"],
                          common["seed"])
     packed = pack_mix(mix, bb.tokenizer, settings.block_size, common["seed"], section["eval_blocks"])

@@ -125,6 +125,9 @@ def load_copy(backbone: Backbone, copy_dir: str | Path,
     if unknown:
         raise ValueError(f"the copy at {copy_dir} holds tensors {backbone.name} lacks ({unknown[:3]}); fine-tune "
                          f"the copy again with {made_by}")
+    for name, tensor in tensors.items():  # the layers keep the dtype they were trained in (fp32 master weights)
+        param = backbone.model.get_parameter(name)
+        param.data = param.data.to(tensor.dtype)
     backbone.model.load_state_dict(tensors, strict=False)
     backbone.model.eval()
     backbone.fine_tuned = {"task": meta["task"], "identity": identity}

@@ -57,7 +57,8 @@ def generation_loss(examples: list[dict], tokenizer, batch_size: int, weight: fl
         rng = np.random.default_rng([seed, step, 4])
         chosen = [examples[i] for i in rng.choice(len(examples), min(batch_size, len(examples)), replace=False)]
         ids, mask, labels = answer_batch(tokenizer, chosen, accelerator.device)
-        total, count = causal_lm_nll(model, ids, mask, labels)
+        with accelerator.autocast():  # the body is called directly, past the forward accelerate wraps
+            total, count = causal_lm_nll(model, ids, mask, labels)
         loss = total / max(count, 1)
         accelerator.backward(loss * weight)
         return float(loss.detach())

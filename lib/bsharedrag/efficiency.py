@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,6 @@ def _rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _hwm_mb() -> float:
@@ -78,7 +73,7 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
     rag = BSharedRAG.from_run(run_dir, dataset=dataset, shared=mode == "shared",
                               decode=DecodeSettings(max_new_tokens=max_new_tokens, batch_size=1))
     load_s = time.perf_counter() - start
-    loaded = _rss_mb()
+    loaded, load_peak = _rss_mb(), _hwm_mb()
     reset = _reset_hwm()
     questions = list(generation_questions(rag.dataset, n_questions, seed=0)["text"])
     rag.answer(questions[0])  # warm-up: first calls allocate caches
@@ -89,9 +84,10 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
         answers.append(out["answer"])
     figures = {"mode": mode, "questions": len(questions), "max_new_tokens": max_new_tokens,
                "load_seconds": load_s, "rss_before_load_mb": base, "rss_after_load_mb": loaded,
-               "peak_rss_with_load_mb": _peak_mb(),
+               # VmHWM, not ru_maxrss: ru_maxrss survives fork + exec, so a child of a 4 GB notebook kernel reports 4 GB
+               "peak_rss_with_load_mb": max(load_peak, _hwm_mb()),
                # without the reset the serving peak cannot be told from the load's transient copies
-               "peak_rss_mb": _hwm_mb() if reset else _peak_mb(), "serving_peak_measured": reset,
+               "peak_rss_mb": _hwm_mb() if reset else max(load_peak, _hwm_mb()), "serving_peak_measured": reset,
                "retrieve_s": statistics.median(s["retrieve"] for s in per_question),
                "generate_s": statistics.median(s["generate"] for s in per_question),
                "question_s": statistics.median(s["retrieve"] + s["generate"] for s in per_question),

@@ -374,3 +374,9 @@ def test_parametric_rag_rows_are_kept_as_they_finish_and_compared_on_the_same_qu
     assert frame.loc["bsharedrag@prag", "trainable_parameters"] == 7  # the costs are the system's own
     claims = ablations.directions(frame.reset_index())
     assert set(claims.loc[claims["claim"].str.contains("Parametric RAG"), "ours"]) == {"bsharedrag@prag"}
+
+
+def test_more_than_ten_variants_get_distinct_colours():
+    from bsharedrag.plots import colours
+
+    assert len(set(colours(12))) == 12 and len(set(colours(10))) == 10  # tab10 alone repeats from the 11th bar

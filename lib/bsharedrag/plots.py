@@ -30,13 +30,19 @@ def save_figure(fig: plt.Figure, stem: str | Path) -> list[Path]:
     return out
 
 
+def colours(n: int) -> list:
+    """n distinct colours: tab10's up to 10, tab20's beyond (tab10 repeats its first colours past 10 bars)."""
+    return [plt.get_cmap("tab10" if n <= 10 else "tab20")(i % 20) for i in range(n)]
+
+
 def grouped_bars(table: pd.DataFrame, title: str, ylabel: str = "score") -> plt.Figure:
     """One group of bars per metric (columns), one bar per system (rows)."""
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * table.shape[1] * max(1, table.shape[0]) / 2), 3.6))
     width = 0.8 / max(1, table.shape[0])
     x = np.arange(table.shape[1])
+    palette = colours(table.shape[0])
     for i, (system, row) in enumerate(table.iterrows()):
-        ax.bar(x + (i - (table.shape[0] - 1) / 2) * width, row.values, width, label=system)
+        ax.bar(x + (i - (table.shape[0] - 1) / 2) * width, row.values, width, label=system, color=palette[i])
     ax.set_xticks(x, table.columns)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1)
@@ -211,11 +217,12 @@ def grouped_bars_with_errors(summary: pd.DataFrame, metrics: tuple[str, ...] | l
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(metrics))
     stats = {m: _mean_std(rows, m) for m in metrics}
+    palette = colours(len(rows))
     for i, variant in enumerate(rows.index):
         mean = np.array([stats[m][0][i] for m in metrics])
         std = np.array([stats[m][1][i] for m in metrics])
         at = x + (i - (len(rows) - 1) / 2) * width
-        ax.bar(at, np.nan_to_num(mean), width, label=variant)  # a metric the variant lacks: no bar
+        ax.bar(at, np.nan_to_num(mean), width, label=variant, color=palette[i])  # a metric it lacks: no bar
         has = np.isfinite(mean) & np.isfinite(std)
         if has.any():
             ax.errorbar(at[has], mean[has], yerr=std[has], fmt="none", ecolor="black", elinewidth=1, capsize=2)
@@ -268,8 +275,9 @@ def quality_memory_scatter(summary: pd.DataFrame, dataset: str, quality_metric: 
     if not shown.any():
         raise ValueError(f"no variant of {dataset!r} has both `inference_memory_mb` and {quality_metric!r}")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, x, y, s in zip(rows.index[shown], memory[shown], mean[shown], std[shown]):
-        point = ax.scatter([x], [y], zorder=3)
+    palette = colours(int(shown.sum()))
+    for i, (variant, x, y, s) in enumerate(zip(rows.index[shown], memory[shown], mean[shown], std[shown])):
+        point = ax.scatter([x], [y], zorder=3, color=palette[i])
         if np.isfinite(s):
             ax.errorbar([x], [y], yerr=[s], fmt="none", ecolor=point.get_facecolor()[0], capsize=3)
         ax.annotate(variant, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

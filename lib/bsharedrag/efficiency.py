@@ -17,17 +17,10 @@ import time
 from pathlib import Path
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: resident peak since the last reset), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _hwm_mb() -> float:
-    """The resident peak since the last `_reset_hwm` (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -68,12 +61,12 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
     from .generator import DecodeSettings
     from .pipeline import BSharedRAG
 
-    base = _rss_mb()
+    base = _status_mb("VmRSS")
     start = time.perf_counter()
     rag = BSharedRAG.from_run(run_dir, dataset=dataset, shared=mode == "shared",
                               decode=DecodeSettings(max_new_tokens=max_new_tokens, batch_size=1))
     load_s = time.perf_counter() - start
-    loaded, load_peak = _rss_mb(), _hwm_mb()
+    loaded, load_peak = _status_mb("VmRSS"), _status_mb("VmHWM")
     reset = _reset_hwm()
     questions = list(generation_questions(rag.dataset, n_questions, seed=0)["text"])
     rag.answer(questions[0])  # warm-up: first calls allocate caches
@@ -82,12 +75,12 @@ def measure(run_dir: str, mode: str, dataset: str | None, n_questions: int, max_
         out = rag.answer(q)
         per_question.append(out["seconds"])
         answers.append(out["answer"])
+    serving = _status_mb("VmHWM")  # without the reset it still holds the load's transient copies
     figures = {"mode": mode, "questions": len(questions), "max_new_tokens": max_new_tokens,
                "load_seconds": load_s, "rss_before_load_mb": base, "rss_after_load_mb": loaded,
                # VmHWM, not ru_maxrss: ru_maxrss survives fork + exec, so a child of a 4 GB notebook kernel reports 4 GB
-               "peak_rss_with_load_mb": max(load_peak, _hwm_mb()),
-               # without the reset the serving peak cannot be told from the load's transient copies
-               "peak_rss_mb": _hwm_mb() if reset else max(load_peak, _hwm_mb()), "serving_peak_measured": reset,
+               "peak_rss_with_load_mb": max(load_peak, serving), "peak_rss_mb": serving,
+               "serving_peak_measured": reset,
                "retrieve_s": statistics.median(s["retrieve"] for s in per_question),
                "generate_s": statistics.median(s["generate"] for s in per_question),
                "question_s": statistics.median(s["retrieve"] + s["generate"] for s in per_question),

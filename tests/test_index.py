@@ -42,6 +42,9 @@ def test_index_built_by_another_encoder_or_corpus_is_refused(tmp_path, tiny_back
         load_dense_index(tmp_path / "i", expected={**enc.identity, "corpus_hash": "h2"})
     with pytest.raises(IndexMismatchError, match="adapter: built with None, now 'retrieval'"):
         load_dense_index(tmp_path / "i", expected={**enc.identity, "adapter": "retrieval", "corpus_hash": "h1"})
+    # the same weights named by another path (a moved run folder, a relative path) are the same encoder
+    load_dense_index(tmp_path / "i", expected={**enc.identity, "backbone": "elsewhere/01_pretrain/backbone",
+                                               "corpus_hash": "h1"})
 
 
 def test_duplicate_doc_ids_are_refused(tmp_path, tally):

@@ -11,8 +11,10 @@ import numpy as np
 from .artefacts import atomic_dir
 
 # Manifest fields that must equal the encoder now in use; anything else (counts, timings) is informative only.
-IDENTITY_FIELDS = ("encoder", "backbone", "backbone_fingerprint", "tokenizer", "adapter", "pooling", "prefix",
-                   "max_length", "dim", "corpus_hash")
+# The manifest also records the backbone's name, but a name is not an identity: a run folder copied elsewhere, or
+# named by a relative path, loads the same weights (`backbone_fingerprint` and `tokenizer` say which they are).
+IDENTITY_FIELDS = ("encoder", "backbone_fingerprint", "tokenizer", "adapter", "pooling", "prefix", "max_length", "dim",
+                   "corpus_hash")
 MAX_QUERY_CHARS = 4096  # a query this long is a pasted document, not a question; embedding cuts it to max_length anyway
 
 

@@ -107,3 +107,18 @@ def test_bf16_compute_holds_bf16_weights_with_the_fp32_fingerprint_and_fp32_adap
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     with pytest.raises(ValueError, match="weights_dtype 'half'"):
         load_backbone("tiny-random-gemma3", weights_dtype="half")
+
+
+def test_lm_head_gets_a_dense_input_when_generation_keeps_the_last_positions(tiny_backbone):
+    # The last-position view keeps the whole sequence's strides, and CPU F.linear copies the whole head weight for it.
+    model, seen = tiny_backbone.model, []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0].stride()))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    try:
+        with torch.inference_mode():
+            kept = model(input_ids=ids, logits_to_keep=1).logits
+            full = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert seen[0] == (model.config.hidden_size, model.config.hidden_size, 1)
+    torch.testing.assert_close(kept[:, -1], full[:, -1])

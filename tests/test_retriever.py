@@ -34,6 +34,21 @@ def test_mined_negatives_exclude_positives_and_respect_the_margin(mined, small_e
     assert report["from_own_judged_set"].sum() > 0
 
 
+def test_judged_negatives_come_first_and_are_judged_irrelevant(small_epqa):
+    train = small_epqa.queries
+    scores = score_matrix(small_epqa, "bm25", train, EncodeSettings())
+    settings = MiningSettings(n_negatives=4, skip_top=1, max_rank=30, judged_negatives=True)
+    groups, report = mine_hard_negatives(scores, small_epqa, train, settings)
+    for g in groups:
+        judged = small_epqa.qrels[g["qid"]]
+        irrelevant = [d for d, gain in judged.items() if gain == 0 and d in set(small_epqa.corpus["doc_id"])]
+        taken = g["negatives"][:min(len(irrelevant), 4)]
+        assert all(judged.get(d, -1) == 0 for d in taken), g["qid"]  # judged 0, not merely unjudged
+        assert all(judged.get(d, 0) == 0 for d in g["negatives"])
+    plain = mine_hard_negatives(scores, small_epqa, train, MiningSettings(n_negatives=4, skip_top=1, max_rank=30))[1]
+    assert report["from_own_judged_set"].sum() > plain["from_own_judged_set"].sum()
+
+
 def test_random_negatives_never_take_a_positive(small_epqa):
     groups = random_negatives(small_epqa, small_epqa.queries, 5, seed=1)
     for g in groups:

@@ -24,6 +24,7 @@ class MiningSettings:
     relative_margin: float = 0.05  # keep a candidate only if it scores below (1 - margin) x the best positive
     filter_answers: bool = True  # drop candidates that contain a reference answer (likely false negatives)
     min_negatives: int = 3  # fill up to this many from the window (ignoring the margin), then at random
+    judged_negatives: bool = False  # the question's own judged-irrelevant documents first (never false negatives)
 
 
 def _norm(text: str) -> str:
@@ -55,9 +56,13 @@ def mine_hard_negatives(scores: np.ndarray, ds: RetrievalDataset, queries: pd.Da
         answers = [_norm(a) for a in ds.answers.get(qid, []) if len(a.strip()) >= 8] if settings.filter_answers else []
         s = scores[row]
         threshold = _threshold(float(max(s[position[d]] for d in positives)), settings.relative_margin)
-        window = [int(j) for j in np.argsort(-s, kind="stable")[settings.skip_top:settings.max_rank]
+        ranked = np.argsort(-s, kind="stable")
+        window = [int(j) for j in ranked[settings.skip_top:settings.max_rank]
                   if j not in known_positive and not any(a in texts[j] for a in answers)]
-        mined = [j for j in window if s[j] < threshold][: settings.n_negatives]
+        judged_irrelevant = {position[d] for d, g in judged.items() if g <= 0 and d in position} \
+            if settings.judged_negatives else set()
+        mined = [int(j) for j in ranked if j in judged_irrelevant and not any(a in texts[j] for a in answers)]
+        mined = (mined + [j for j in window if s[j] < threshold and j not in judged_irrelevant])[: settings.n_negatives]
         filled = 0
         if len(mined) < settings.min_negatives:
             extra = [j for j in window if j not in mined][: settings.min_negatives - len(mined)]

@@ -1,8 +1,9 @@
 """Encoded corpus shards are saved as they finish and reused by a later or resumed step; a damaged one is redone."""
 
 import numpy as np
+import pytest
 
-from bsharedrag import embcache
+from bsharedrag import embcache, encoders
 from bsharedrag.embcache import encode_cached
 from bsharedrag.encoders import BackboneEncoder
 
@@ -38,6 +39,15 @@ def test_backbone_encoder_reuses_its_passage_shards(tiny_backbone, tmp_path):
     assert len(list(tmp_path.rglob("*.npy"))) == 1
     assert np.allclose(enc.encode_passages(texts), first)
     assert np.allclose(BackboneEncoder(tiny_backbone, "mean", max_length=32).encode_passages(texts), first, atol=1e-5)
+
+
+def test_the_same_weights_loaded_from_another_path_reuse_the_shards(tiny_backbone, tmp_path, monkeypatch):
+    texts = [f"passage number {i} about a phone" for i in range(5)]
+    BackboneEncoder(tiny_backbone, "mean", max_length=32, cache_dir=str(tmp_path)).encode_passages(texts)
+    monkeypatch.setattr(tiny_backbone, "name", "/elsewhere/the-same-backbone")
+    moved = BackboneEncoder(tiny_backbone, "mean", max_length=32, cache_dir=str(tmp_path))
+    monkeypatch.setattr(encoders, "embed", lambda *a, **k: pytest.fail("the cached shard was encoded again"))
+    assert moved.encode_passages(texts).shape[0] == 5
 
 
 def test_a_cached_shard_of_nans_or_of_another_width_is_encoded_again(tmp_path, monkeypatch, tally):

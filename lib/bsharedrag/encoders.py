@@ -69,8 +69,10 @@ class BackboneEncoder:
             return embed(self.backbone, chunk, (self.pooling,), self.passage_prefix, self.max_length,
                          self.batch_size, desc="passages")[self.pooling]
 
+        # The fingerprint names the weights; the path they were loaded from does not (a moved run reuses its cache).
+        key = {k: v for k, v in self.identity.items() if k != "backbone"} | {"kind": "passages"}
         with self._active():
-            return encode_cached(encode, texts, {**self.identity, "kind": "passages"}, self.cache_dir,
+            return encode_cached(encode, texts, key, self.cache_dir,
                                  dim=self.backbone.model.config.get_text_config().hidden_size)
 
 

@@ -61,7 +61,8 @@ def mine_hard_negatives(scores: np.ndarray, ds: RetrievalDataset, queries: pd.Da
                   if j not in known_positive and not any(a in texts[j] for a in answers)]
         judged_irrelevant = {position[d] for d, g in judged.items() if g <= 0 and d in position} \
             if settings.judged_negatives else set()
-        mined = [int(j) for j in ranked if j in judged_irrelevant and not any(a in texts[j] for a in answers)]
+        mined = [j for j in sorted(judged_irrelevant, key=lambda j: (-s[j], j))  # in rank order, as the window
+                 if not any(a in texts[j] for a in answers)]
         mined = (mined + [j for j in window if s[j] < threshold and j not in judged_irrelevant])[: settings.n_negatives]
         filled = 0
         if len(mined) < settings.min_negatives:

@@ -39,9 +39,10 @@ def test_judged_negatives_come_first_and_are_judged_irrelevant(small_epqa):
     scores = score_matrix(small_epqa, "bm25", train, EncodeSettings())
     settings = MiningSettings(n_negatives=4, skip_top=1, max_rank=30, judged_negatives=True)
     groups, report = mine_hard_negatives(scores, small_epqa, train, settings)
+    in_corpus = set(small_epqa.corpus["doc_id"])
     for g in groups:
         judged = small_epqa.qrels[g["qid"]]
-        irrelevant = [d for d, gain in judged.items() if gain == 0 and d in set(small_epqa.corpus["doc_id"])]
+        irrelevant = [d for d, gain in judged.items() if gain == 0 and d in in_corpus]
         taken = g["negatives"][:min(len(irrelevant), 4)]
         assert all(judged.get(d, -1) == 0 for d in taken), g["qid"]  # judged 0, not merely unjudged
         assert all(judged.get(d, 0) == 0 for d in g["negatives"])

@@ -56,13 +56,16 @@ def mine_hard_negatives(scores: np.ndarray, ds: RetrievalDataset, queries: pd.Da
         answers = [_norm(a) for a in ds.answers.get(qid, []) if len(a.strip()) >= 8] if settings.filter_answers else []
         s = scores[row]
         threshold = _threshold(float(max(s[position[d]] for d in positives)), settings.relative_margin)
+        def holds_no_answer(j: int) -> bool:
+            return not any(a in texts[j] for a in answers)
+
         ranked = np.argsort(-s, kind="stable")
         window = [int(j) for j in ranked[settings.skip_top:settings.max_rank]
-                  if j not in known_positive and not any(a in texts[j] for a in answers)]
+                  if j not in known_positive and holds_no_answer(j)]
         judged_irrelevant = {position[d] for d, g in judged.items() if g <= 0 and d in position} \
             if settings.judged_negatives else set()
         mined = [j for j in sorted(judged_irrelevant, key=lambda j: (-s[j], j))  # in rank order, as the window
-                 if not any(a in texts[j] for a in answers)]
+                 if holds_no_answer(j)]
         mined = (mined + [j for j in window if s[j] < threshold and j not in judged_irrelevant])[: settings.n_negatives]
         filled = 0
         if len(mined) < settings.min_negatives:

@@ -27,6 +27,22 @@ def test_ecomeval_loads_and_marks_documents_that_say_nothing_relevant():
     assert all(ds.answers[q] for q in ds.queries["qid"])
 
 
+def test_query_context_puts_the_product_title_before_an_epqa_question_and_leaves_ecomeval_alone(tmp_path):
+    path = tmp_path / "epqa.csv"
+    path.write_text("qid,question,ASIN,candidate,source,qa_pair_id,title,label,answer\n"
+                    "1,does it fit?,A,fits a 1993 yj,review,,Cargo Net,2,yes\n"
+                    "1,does it fit?,A,weight: 2 lb,attribute,,Cargo Net,0,\n"
+                    "1,does it fit?,A,number_of_items: 1,attribute,,Crisper Pan,0,\n"  # a text shared by another product
+                    "2,is it loud?,B,110 db,attribute,,Horn Kit,2,yes\n", encoding="utf-8")
+    plain = data.load_dataset("epqa", path=path)
+    titled = data.load_dataset("epqa", path=path, query_context=True)
+    assert list(plain.queries["text"]) == list(plain.queries["question"]) == ["does it fit?", "is it loud?"]
+    assert list(titled.queries["text"]) == ["Cargo Net: does it fit?", "Horn Kit: is it loud?"]
+    assert list(titled.queries["question"]) == list(plain.queries["question"])
+    ecom = data.load_dataset("ecomeval", query_context=True)
+    assert (ecom.queries["text"] == ecom.queries["question"]).all() and set(ecom.queries["context"]) == {""}
+
+
 def test_split_is_deterministic_disjoint_and_sized():
     a = data.load_dataset("ecomeval", seed=1)
     b = data.load_dataset("ecomeval", seed=1)

@@ -175,12 +175,12 @@ class Ablation:
 
 def open_ablation(run_dir: str | Path, out_dir: str | Path, questions: int, decode: dict[str, DecodeSettings]) -> Ablation:
     from .config import load_config
-    from .data import load_dataset
+    from .data import load_sets
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "resolved.yaml")
     c = cfg["common"]
-    sets = {name: load_dataset(name, c["seed"], c["split_fractions"], c["max_questions"]) for name in c["datasets"]}
+    sets = load_sets(c)
     return Ablation(run_dir, cfg, sets, Path(out_dir), questions, decode)
 
 

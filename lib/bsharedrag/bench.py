@@ -60,7 +60,7 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         figures[f"{name}_tflops"] = max(measure_matmul_tflops(dtype, "cpu", n=n, seconds=1.0) for n in (512, 1024, 2048))
 
-    ds = load_dataset("epqa", seed)
+    ds = load_dataset("epqa", seed, query_context=True)
     passages = [p for p in ds.passages()]
     rng = np.random.default_rng(seed)
     texts = [passages[i] for i in rng.choice(len(passages), n_docs, replace=False)]

@@ -11,6 +11,7 @@ import re
 import sys
 import urllib.request
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class RetrievalDataset:
     name: str
     lang: str
     corpus: pd.DataFrame  # doc_id, title, text, lang
-    queries: pd.DataFrame  # qid, text, split
+    queries: pd.DataFrame  # qid, text (what retrievers and the generator are given), question, context, split
     qrels: dict[str, dict[str, int]]
     answers: dict[str, list[str]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "file:line (why)" of records left out on purpose
@@ -108,6 +109,7 @@ def read_epqa(path: str | Path) -> RetrievalDataset:
     """ePQA: each row is (question, candidate sentence, label 0/1/2); candidates of a question share a product."""
     docs: dict[str, tuple[str, str]] = {}
     questions: dict[str, str] = {}
+    products: dict[str, Counter] = {}
     qrels: dict[str, dict[str, int]] = {}
     answers: dict[str, list[str]] = {}
     skipped: list[str] = []
@@ -135,13 +137,16 @@ def read_epqa(path: str | Path) -> RetrievalDataset:
         doc_id = _doc_id(text)
         docs.setdefault(doc_id, (title, text))
         questions.setdefault(qid, question)
+        products.setdefault(qid, Counter())[title] += 1
         qrels.setdefault(qid, {})[doc_id] = max(label, qrels.get(qid, {}).get(doc_id, 0))
         answer = (row.get("answer") or "").strip()
         if answer and label == 2:
             answers.setdefault(qid, []).append(answer)
     if skipped:
         warnings.warn(f"ePQA: skipped {len(skipped)} record(s) with no candidate text: {', '.join(skipped[:5])}")
-    return _assemble("epqa", "en", docs, questions, qrels, answers, skipped)
+    # The asker is on the product's page ("will this fit my 1993 wrangler?"): the product title is the question's context.
+    contexts = {qid: titles.most_common(1)[0][0] for qid, titles in products.items()}
+    return _assemble("epqa", "en", docs, questions, qrels, answers, skipped, contexts)
 
 
 _ECOMEVAL_PROMPT = re.compile(r"商品介绍为：\s*(?P<docs>.*?)\s*问题为：\s*(?P<question>.*?)\s*你的回答为：", re.S)
@@ -188,12 +193,14 @@ def read_ecomeval(path: str | Path) -> RetrievalDataset:
     return _assemble("ecomeval", "zh", docs, questions, qrels, answers)
 
 
-def _assemble(name, lang, docs, questions, qrels, answers, skipped=()) -> RetrievalDataset:
+def _assemble(name, lang, docs, questions, qrels, answers, skipped=(), contexts=None) -> RetrievalDataset:
     corpus = pd.DataFrame(
         [(doc_id, title, text, lang) for doc_id, (title, text) in docs.items()],
         columns=["doc_id", "title", "text", "lang"],
     )
-    queries = pd.DataFrame(list(questions.items()), columns=["qid", "text"])
+    queries = pd.DataFrame(list(questions.items()), columns=["qid", "question"])
+    queries["context"] = [(contexts or {}).get(qid, "") for qid in queries["qid"]]
+    queries["text"] = queries["question"]
     queries["split"] = ""
     return RetrievalDataset(name, lang, corpus, queries, qrels, answers, list(skipped))
 
@@ -239,14 +246,28 @@ def load_dataset(
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
     max_questions: int = 0,
     path: str | Path | None = None,
+    query_context: bool = False,
 ) -> RetrievalDataset:
-    """Load data set `name` (from `path` if given, else the verified public file) with its question-level split."""
+    """Load data set `name` (from `path` if given, else the verified public file) with its question-level split.
+
+    `query_context` puts a question's context before it in `queries["text"]`, the text every retriever and the
+    generator are given: ePQA's product title (its questions are asked on the product's page and say "this");
+    EcomEval's questions have none and stay as they are.
+    """
     if name not in READERS:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(READERS)}")
     ds = READERS[name](path or fetch(name))
     ds = subsample(ds, max_questions, seed)
     ds.queries = assign_splits(ds.queries, seed, tuple(split_fractions))
+    if query_context:
+        ds.queries["text"] = [f"{c}: {q}" if c else q for c, q in zip(ds.queries["context"], ds.queries["question"])]
     return ds
+
+
+def load_sets(common: dict) -> dict[str, RetrievalDataset]:
+    """Every data set of a resolved config's `common` section, loaded as that config says."""
+    return {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"],
+                               query_context=common["query_context"]) for name in common["datasets"]}
 
 
 def main(argv: list[str] | None = None) -> int:

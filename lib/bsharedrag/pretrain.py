@@ -434,15 +434,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from .backbone import load_backbone
     from .config import load_config
-    from .data import load_dataset
+    from .data import load_sets
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.pretrain", description=main.__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run folder (holds resolved.yaml)")
     args = parser.parse_args(argv)
     cfg = load_config(args.run / "resolved.yaml")
     common, section, settings = cfg["common"], cfg[STEP], settings_from_config(cfg)
-    sets = {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"])
-            for name in common["datasets"]}
+    sets = load_sets(common)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     bb = load_backbone(common["backbone"], device=str(accelerator.device), compute_dtype=common["compute_dtype"],
                        seed=common["seed"], weights_dtype="float32")  # the merge updates the weights themselves

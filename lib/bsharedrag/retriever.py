@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .backbone import load_backbone
     from .config import load_config
-    from .data import load_dataset
+    from .data import load_sets
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.retriever", description=main.__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run folder whose 02_mine_negatives is complete")
@@ -379,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.run / "resolved.yaml")
     common, settings = cfg["common"], settings_from_config(cfg)
-    sets = {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"])
-            for name in common["datasets"]}
+    sets = load_sets(common)
     groups, doc_text = training_data(sets, args.run / "02_mine_negatives", args.variant, common["passage_format"])
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     bb = load_backbone(common["backbone"], device=str(accelerator.device), compute_dtype=common["compute_dtype"],

@@ -264,10 +264,10 @@ def load_dataset(
     return ds
 
 
-def load_sets(common: dict) -> dict[str, RetrievalDataset]:
-    """Every data set of a resolved config's `common` section, loaded as that config says."""
+def load_sets(common: dict, names: list[str] | None = None) -> dict[str, RetrievalDataset]:
+    """The data sets `names` (default: all) of a resolved config's `common` section, loaded as that config says."""
     return {name: load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"],
-                               query_context=common["query_context"]) for name in common["datasets"]}
+                               query_context=common["query_context"]) for name in names or common["datasets"]}
 
 
 def main(argv: list[str] | None = None) -> int:

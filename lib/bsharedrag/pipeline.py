@@ -12,7 +12,7 @@ import faiss
 from .adapters import AdapterSwitch
 from .backbone import Backbone, load_backbone
 from .config import load_config
-from .data import RetrievalDataset, load_dataset
+from .data import RetrievalDataset, load_sets
 from .encoders import BackboneEncoder
 from .generator import (
     GENERATION_ADAPTER,
@@ -77,8 +77,7 @@ class BSharedRAG:
         name = dataset or common["datasets"][0]
         if name not in common["datasets"]:
             raise ValueError(f"data set {name!r} is not part of run {run_dir.name}; it has {common['datasets']}")
-        ds = load_dataset(name, common["seed"], common["split_fractions"], common["max_questions"],
-                          query_context=common["query_context"])
+        ds = load_sets(common, [name])[name]
         bb = load_backbone(run_backbone(run_dir, cfg), device=device, compute_dtype=common["compute_dtype"],
                            seed=common["seed"])
         retrieval_dir = run_dir / "03_retriever" / "adapters" / RETRIEVER_VARIANT

@@ -9,7 +9,7 @@ from bsharedrag.backbone import load_backbone
 from bsharedrag.mining import MiningSettings, mine_hard_negatives, random_negatives
 from bsharedrag.retriever import (RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter,
                                   global_batch, save_retrieval_adapter, train_retrieval_adapter, train_step,
-                                  PooledEncoder)
+                                  PooledEncoder, _encode)
 from bsharedrag.systems import EncodeSettings, score_matrix
 
 
@@ -62,6 +62,17 @@ def test_global_batch_is_the_same_split_across_processes(mined):
     assert len(whole) == 8 and all(len(docs) == 4 for _, docs in whole)
     assert whole == global_batch(groups, step=3, global_size=8, n_negatives=3, seed=0)
     assert whole != global_batch(groups, step=4, global_size=8, n_negatives=3, seed=0)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_length_buckets_embed_each_row_as_if_it_were_alone_and_keep_the_order(pooling):
+    bb = load_backbone("tiny-random-gemma3", compute_dtype="float32")
+    rows = [list(range(5, 5 + n)) for n in (9, 3, 30, 3, 17, 1, 12)]
+    encoder = PooledEncoder(bb.model, pooling)
+    with torch.no_grad():
+        bucketed = _encode(encoder, bb.tokenizer, rows, bb.device)
+        alone = torch.cat([_encode(encoder, bb.tokenizer, [row], bb.device) for row in rows])
+    torch.testing.assert_close(bucketed, alone, rtol=1e-4, atol=1e-5)
 
 
 def _grads(small_epqa, mined, chunk_size):

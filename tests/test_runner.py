@@ -123,6 +123,14 @@ def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
     assert set(out["ratios"]) == {"peak_rss", "model_memory", "peak_rss_with_load", "question_latency"}
 
 
+def test_bench_times_the_run_s_training_step_bucketed_and_in_one_pass(tiny_run):
+    from bsharedrag.bench import time_train_steps
+
+    figures = time_train_steps(tiny_run, 2)
+    assert figures["train_step_one_pass_s"] > 0 and figures["train_step_bucketed_s"] > 0
+    assert figures["train_step_bucketed_over_one_pass"] > 0 and figures["train_steps"] == 2
+
+
 def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):
     from bsharedrag.data import load_dataset
     from bsharedrag.metrics import evaluate_retrieval

@@ -1,7 +1,8 @@
 """Encoding benchmark: backbone + retrieval adapter throughput against the machine's measured matmul limits and
-against sentence-transformers encoding the same model in the same run; query latency (encode + search).
+against sentence-transformers encoding the same model in the same run; query latency (encode + search); with a run
+whose 02 is done, the retriever's training step with its texts in length buckets against one padded pass, paired.
 
-    python -m bsharedrag.bench [--run outputs/RUN_ID] [--docs 512] [--queries 50]
+    python -m bsharedrag.bench [--run outputs/RUN_ID] [--docs 512] [--queries 50] [--train-steps 6]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import load_config
 from .data import load_dataset
 from .devices import measure_matmul_tflops
 from .index import build_dense_index, load_dense_index, search_dense
+from . import retriever
 from .retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
 from .pretrain import backbone_for_run
 from .steps import versions
@@ -111,13 +113,49 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
     return figures
 
 
+def time_train_steps(run_dir: Path, steps: int) -> dict:
+    """Seconds of the retriever's training step (forward + backward, the run's 03 settings, its mined `hard` groups)
+    with the texts in `retriever.LENGTH_BUCKETS` length buckets against one padded pass, on the same batches, in
+    alternating order; the median of the per-step ratios is the figure (the machine drifts less within a pair)."""
+    from accelerate import Accelerator
+
+    from .data import load_sets
+
+    cfg = load_config(Path(run_dir) / "resolved.yaml")
+    common, settings = cfg["common"], retriever.settings_from_config(cfg)
+    groups, doc_text = retriever.training_data(load_sets(common), Path(run_dir) / "02_mine_negatives", "hard",
+                                               common["passage_format"])
+    bb = load_backbone(backbone_for_run(common["backbone"], run_dir, common["use_pretrained_backbone"]),
+                       compute_dtype=common["compute_dtype"], seed=common["seed"])
+    model = add_retrieval_adapter(bb, settings)
+    model.train()
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(bb.dtype, "no")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=bb.device.type == "cpu")
+    encoder = accelerator.prepare(retriever.PooledEncoder(model, settings.pooling))
+    seconds: dict[int, list[float]] = {1: [], retriever.LENGTH_BUCKETS: []}
+    for step in range(steps):
+        batch = retriever.global_batch(groups, step, settings.batch_size, settings.n_negatives, settings.seed)
+        for buckets in sorted(seconds, reverse=step % 2 == 1):
+            start = time.perf_counter()
+            retriever.train_step(encoder, bb.tokenizer, batch, doc_text, settings, accelerator, buckets=buckets)
+            seconds[buckets].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    one, bucketed = np.array(seconds[1]), np.array(seconds[retriever.LENGTH_BUCKETS])
+    return {"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
+            "train_step_one_pass_s": float(np.median(one)), "train_step_bucketed_s": float(np.median(bucketed)),
+            "train_step_bucketed_over_one_pass": float(np.median(bucketed / one))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, help="a run folder whose 03_retriever/adapters/hard to benchmark")
     parser.add_argument("--docs", type=int, default=512)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--train-steps", type=int, default=6, help="paired retriever training steps (needs --run); 0 skips")
     args = parser.parse_args(argv)
     figures = run_benchmark(args.run, args.docs, args.queries)
+    if args.run and args.train_steps:
+        figures.update(time_train_steps(args.run, args.train_steps))
     out = paths.OUTPUTS / "bench" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(out, figures)
     print(f"matmul limit (measured now): fp32 {figures['fp32_tflops']:.3f} TFLOP/s, bf16 {figures['bf16_tflops']:.4f} TFLOP/s")
@@ -131,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens/s; ours / theirs = {figures[f'ours_over_st_{name}_speed']:.2f}x")
     print(f"query latency (encode + exact search over {figures['docs']} docs): "
           f"p50 {figures['query_latency_p50_ms']:.0f} ms, p95 {figures['query_latency_p95_ms']:.0f} ms")
+    if "train_step_bucketed_s" in figures:
+        print(f"retriever training step ({figures['train_steps']} paired, the run's 03 settings): one padded pass "
+              f"{figures['train_step_one_pass_s']:.2f} s, {figures['train_buckets']} length buckets "
+              f"{figures['train_step_bucketed_s']:.2f} s; bucketed / one pass = "
+              f"{figures['train_step_bucketed_over_one_pass']:.2f} (median of the pairs)")
     print(f"figures written to {out}")
     return 0
 

@@ -27,6 +27,7 @@ from .progress import progress
 
 RETRIEVAL_ADAPTER = "retrieval"
 META = "retriever.json"
+LENGTH_BUCKETS = 4  # forward passes per batch of training texts (see _encode)
 
 
 @dataclass
@@ -122,15 +123,24 @@ def global_batch(groups: list[dict], step: int, global_size: int, n_negatives: i
     return out
 
 
-def _encode(encoder, tokenizer, rows: list[list[int]], device) -> torch.Tensor:
-    ids, mask = pad_rows(tokenizer, rows)
-    return encoder(ids.to(device), mask.to(device))
+def _encode(encoder, tokenizer, rows: list[list[int]], device, buckets: int = LENGTH_BUCKETS) -> torch.Tensor:
+    """Embed `rows` in their order, in `buckets` forward passes over length-sorted rows, each padded to its own
+    longest row: a group mixes 40-token and 96-token passages, and a pad token costs as much as a real one."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    parts = []
+    for bucket in np.array_split(np.array(order), min(buckets, len(rows))):
+        ids, mask = pad_rows(tokenizer, [rows[i] for i in bucket])
+        parts.append(encoder(ids.to(device), mask.to(device)))
+    inverse = torch.empty(len(rows), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(rows))
+    return torch.cat(parts)[inverse.to(parts[0].device)]
 
 
 def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text: dict[str, str],
-               settings: RetrieverSettings, accelerator: Accelerator, weight: float = 1.0) -> float:
+               settings: RetrieverSettings, accelerator: Accelerator, weight: float = 1.0,
+               buckets: int = LENGTH_BUCKETS) -> float:
     """One optimisation step's forward and backward of `weight` x the loss (the caller steps the optimiser); returns
-    the global loss, unweighted."""
+    the global loss, unweighted. `buckets`: forward passes per list of texts (see _encode)."""
     group = 1 + settings.n_negatives
     q_rows = tokenize_for_embedding(tokenizer, [settings.query_prefix + q for q, _ in batch], settings.query_max_length,
                                     warn=False)
@@ -139,8 +149,8 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     world = accelerator.num_processes
     device = accelerator.device
     if not settings.chunk_size:
-        q = _encode(encoder, tokenizer, q_rows, device)
-        p = _encode(encoder, tokenizer, p_rows, device)
+        q = _encode(encoder, tokenizer, q_rows, device, buckets)
+        p = _encode(encoder, tokenizer, p_rows, device, buckets)
         loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator),
                             settings.temperature, group)
         accelerator.backward(loss * world * weight)  # DDP averages gradients over processes; the loss is already global
@@ -151,7 +161,7 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     n_query_chunks = len(chunks)
     chunks += [(p_rows[i:i + settings.chunk_size]) for i in range(0, len(p_rows), settings.chunk_size)]
     with torch.no_grad():
-        reps = [_encode(encoder, tokenizer, rows, device) for rows in chunks]
+        reps = [_encode(encoder, tokenizer, rows, device, buckets) for rows in chunks]
     q = torch.cat(reps[:n_query_chunks]).requires_grad_()
     p = torch.cat(reps[n_query_chunks:]).requires_grad_()
     loss = infonce_loss(gather_keep_grad(q, accelerator), gather_keep_grad(p, accelerator), settings.temperature, group)
@@ -161,7 +171,7 @@ def train_step(encoder, tokenizer, batch: list[tuple[str, list[str]]], doc_text:
     for i, (rows, grad) in enumerate(zip(chunks, grads)):
         sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(encoder)
         with sync:
-            accelerator.backward((_encode(encoder, tokenizer, rows, device) * grad).sum())
+            accelerator.backward((_encode(encoder, tokenizer, rows, device, buckets) * grad).sum())
     return float(loss.detach())
 
 

@@ -19,7 +19,7 @@ from .artefacts import atomic_write_json
 from .backbone import embed, load_backbone, prepare_default_backbone, tokenize_for_embedding
 from .config import load_config
 from .data import load_dataset
-from .devices import measure_matmul_tflops
+from .devices import accelerator_for, measure_matmul_tflops
 from .index import build_dense_index, load_dense_index, search_dense
 from . import retriever
 from .retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
@@ -117,8 +117,6 @@ def time_train_steps(run_dir: Path, steps: int) -> dict:
     """Seconds of the retriever's training step (forward + backward, the run's 03 settings, its mined `hard` groups)
     with the texts in `retriever.LENGTH_BUCKETS` length buckets against one padded pass, on the same batches, in
     alternating order; the median of the per-step ratios is the figure (the machine drifts less within a pair)."""
-    from accelerate import Accelerator
-
     from .data import load_sets
 
     cfg = load_config(Path(run_dir) / "resolved.yaml")
@@ -129,8 +127,7 @@ def time_train_steps(run_dir: Path, steps: int) -> dict:
                        compute_dtype=common["compute_dtype"], seed=common["seed"])
     model = add_retrieval_adapter(bb, settings)
     model.train()
-    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(bb.dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=bb.device.type == "cpu")
+    accelerator = accelerator_for(bb.dtype, bb.device)
     encoder = accelerator.prepare(retriever.PooledEncoder(model, settings.pooling))
     seconds: dict[int, list[float]] = {1: [], retriever.LENGTH_BUCKETS: []}
     for step in range(steps):

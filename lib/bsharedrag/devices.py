@@ -11,6 +11,14 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def accelerator_for(dtype: torch.dtype, device: torch.device):
+    """An accelerate Accelerator on `device` whose mixed precision is the compute dtype (fp32: none)."""
+    from accelerate import Accelerator
+
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     """CUDA when present, else CPU; `requested` ("cpu", "cuda:1") wins."""
     if requested:

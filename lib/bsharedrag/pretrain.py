@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 from . import paths
 from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, resumable_checkpoint, training_fingerprint
 from .backbone import Backbone
-from .devices import autocast
+from .devices import accelerator_for, autocast
 from .lm import causal_lm_loss, causal_lm_nll
 from .progress import progress
 
@@ -323,8 +323,7 @@ def continue_pretraining(backbone: Backbone, packed: PackedMix, settings: Pretra
     fresh. Returns the loss per step, seconds (all sessions), tokens trained on, trainable parameters, the resumed step.
     """
     if accelerator is None:
-        mixed = "bf16" if backbone.dtype == torch.bfloat16 else "fp16" if backbone.dtype == torch.float16 else "no"
-        accelerator = Accelerator(mixed_precision=mixed, cpu=backbone.device.type == "cpu")
+        accelerator = accelerator_for(backbone.dtype, backbone.device)
     fingerprint = checkpoint_fingerprint(backbone, packed, settings)
     model = prepare_model(backbone, settings)
     model.train()

@@ -23,6 +23,7 @@ from .artefacts import CHECKPOINT_FINGERPRINT, atomic_dir, atomic_write_json, re
     training_fingerprint
 from .backbone import Backbone, FineTuning, body_pool, pad_rows, tokenize_for_embedding, \
     train_top_layers
+from .devices import accelerator_for
 from .progress import progress
 
 RETRIEVAL_ADAPTER = "retrieval"
@@ -229,8 +230,7 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     if not groups:
         raise ValueError("no training groups: every question lacked a positive; check the split and the qrels")
     if accelerator is None:
-        mixed = "bf16" if backbone.dtype == torch.bfloat16 else "fp16" if backbone.dtype == torch.float16 else "no"
-        accelerator = Accelerator(mixed_precision=mixed, cpu=backbone.device.type == "cpu")
+        accelerator = accelerator_for(backbone.dtype, backbone.device)
     if settings.method == "full":
         model = train_top_layers(backbone, settings.lora_layers, RETRIEVAL_ADAPTER)
     elif isinstance(backbone.model, PeftModel):

@@ -16,7 +16,8 @@ def _folder(path, text):
 def test_a_kill_between_the_two_renames_leaves_the_old_copy_restored(tmp_path, tally):
     target = tmp_path / "idx"
     _folder(tmp_path / ".idx.old", "old")  # target renamed away, the new one not yet renamed in: then SIGKILL
-    _folder(tmp_path / ".idx.4242-x1y2.tmp", "new, maybe half")
+    # its writer's pid is beyond any pid_max, so surely dead (a small pid such as 4242 can be a live kernel thread)
+    _folder(tmp_path / ".idx.999999998-x1y2.tmp", "new, maybe half")
     tally("faults injected")
     with pytest.raises(RuntimeError), atomic_dir(target):
         raise RuntimeError("this write fails too")

@@ -41,6 +41,8 @@ def test_query_context_puts_the_product_title_before_an_epqa_question_and_leaves
     assert list(titled.queries["question"]) == list(plain.queries["question"])
     ecom = data.load_dataset("ecomeval", query_context=True)
     assert (ecom.queries["text"] == ecom.queries["question"]).all() and set(ecom.queries["context"]) == {""}
+    assert data.query_text("does it fit?", "Cargo Net") == "Cargo Net: does it fit?"  # what `bsharedrag ask --context` sends
+    assert data.query_text("does it fit?", "") == data.query_text("does it fit?") == "does it fit?"
 
 
 def test_split_is_deterministic_disjoint_and_sized():

@@ -192,21 +192,29 @@ def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures
         ("Alpha", "para"): ["A kettle that heats water."],
         ("Alpha", "qa"): [" What does it boil?\nAnswer: Water.\nQuestion: Which kettle?\nAnswer: Alpha."],
         ("Beta", "para"): ["   ", "A blender for ice."],
-        ("Beta", "qa"): [" What does it crush?\n", " What does it crush? Answer: Ice.", " Which brand?\nAnswer: Beta."],
+        ("Beta", "qa"): [" What does it crush?\n", " Which brand?\n", " Which brand?\nAnswer: Beta."],
         ("Gamma", "para"): ["Gamma toaster browns bread.", "Document: Gamma", "\nRewrite the document in other words:"],
         ("Gamma", "qa"): ["\nDocument: Gamma", "Question:\nAnswer: bread", ""],
     }
+    answers = {("What does it crush?", 0): " Ice.\nQuestion: What else?", ("Which brand?", 1): "\n \n"}
     calls = []
 
     def fake_generate(backbone, prompts, decode, adapter=None, stop=""):
         calls.append((len(prompts), decode.do_sample, decode.seed, decode.max_new_tokens, adapter))
         attempt = decode.seed - settings.augment_seed
-        kind = ["qa" if p.endswith("Question:") else "para" for p in prompts]
-        return [script[(p.split()[1], k)][attempt] for p, k in zip(prompts, kind)]
+        outputs = []
+        for p in prompts:
+            if p.endswith("Answer:"):  # a question the QA completion left unanswered
+                outputs.append(answers[(p.splitlines()[-2].removeprefix("Question: "), attempt)])
+            else:
+                outputs.append(script[(p.split()[1], "qa" if p.endswith("Question:") else "para")][attempt])
+        return outputs
 
     monkeypatch.setattr(prag, "generate", fake_generate)
     alpha, beta, gamma = augment_documents(bare[0], docs, "en", settings)
-    assert calls == [(6, False, 5, 64, None), (4, True, 6, 64, None), (3, True, 7, 64, None)]
+    # each attempt: one batch of paraphrase and QA prompts, then one of answer prompts where questions were unanswered
+    assert calls == [(6, False, 5, 64, None), (1, False, 5, 64, None), (4, True, 6, 64, None), (1, True, 6, 64, None),
+                     (3, True, 7, 64, None)]
     assert alpha == {"paraphrases": ["A kettle that heats water."], "lang": "en", "attempts": 1, "failed": [],
                      "qa": [{"question": "What does it boil?", "answer": "Water."},
                             {"question": "Which kettle?", "answer": "Alpha."}]}
@@ -216,13 +224,29 @@ def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures
     assert gamma["paraphrases"] == [] and gamma["qa"] == [] and gamma["attempts"] == 3
     assert {(f["kind"], f["reason"]) for f in gamma["failed"]} == {
         ("paraphrase", "prompt scaffolding only"), ("qa", "empty")}
-    tally("augmentation outputs rejected", 9)
+    tally("augmentation outputs rejected", 8)
 
-    assert parse_qa("什么颜色？\n回答：蓝色。\n问题：多重？\n答案：2公斤\n文档：下一篇", "zh") == [
-        {"question": "什么颜色？", "answer": "蓝色。"}, {"question": "多重？", "answer": "2公斤"}]
+    assert parse_qa("什么颜色？\n回答：蓝色。\n问题：多重？\n答案：2公斤\n文档：下一篇", "zh") == (
+        [{"question": "什么颜色？", "answer": "蓝色。"}, {"question": "多重？", "answer": "2公斤"}], [])
     assert prag.clean_paraphrase("Same text.", "same  text.", [], "en") == ("", "a copy of the document")
     zh = {"lang": "zh", "paraphrases": ["改写"], "qa": [{"question": "问", "answer": "答"}]}
     assert training_texts("文档", zh) == ["文档", "改写", "文档\n问题：问\n回答：答"]
+
+
+def test_listed_questions_without_answers_are_kept_and_answered_by_a_second_prompt():
+    # Gemma 270M answers the Chinese QA prompt with a numbered list of questions and no answer line.
+    listed = "1、这款相机适合初学者吗？\n2、它有几种颜色？\n回答：三种。\n这款相机很好用\n(3) 电池能用多久？"
+    pairs, unanswered = parse_qa(listed, "zh")
+    assert pairs == [{"question": "它有几种颜色？", "answer": "三种。"}]
+    assert unanswered == ["这款相机适合初学者吗？", "电池能用多久？"]
+    good, questions, reason = prag.valid_qa(listed, [{"question": "电池能用多久？", "answer": "一天"}], "zh")
+    assert (good, questions, reason) == (pairs, ["这款相机适合初学者吗？"], "")
+    assert prag.valid_qa("\n这款相机很好用。", [], "zh") == ([], [], "unparsable: no question")
+    assert prag.answer_prompt("文档内容", "它有几种颜色？", "zh") == "文档：文档内容\n问题：它有几种颜色？\n回答："
+    assert prag.answer_prompt("Text.", "Which?", "en") == "Document: Text.\nQuestion: Which?\nAnswer:"
+    assert prag.clean_answer("\n 适合，操作简单。\n问题：别的？", "zh") == ("适合，操作简单。", "")
+    assert prag.clean_answer("问题：别的？", "zh") == ("", "answer is prompt scaffolding")
+    assert prag.clean_answer("  \n", "en") == ("", "empty answer")
 
 
 def test_every_document_adapter_starts_from_the_one_saved_init(bare, trained):

@@ -77,9 +77,11 @@ def test_chain_generation_metrics_and_the_ask_command(tiny_run):
     assert (tiny_run / "04_generator" / "adapters" / "generation" / "adapter_model.safetensors").is_file()
     assert (tiny_run / "06_evaluate" / "tables" / "generation_ecomeval.md").is_file()
     asked = subprocess.run([sys.executable, "-m", "bsharedrag.cli", "ask", str(tiny_run), "is it waterproof?",
-                            "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+                            "--max-new-tokens", "4", "--context", "Rain Jacket"], capture_output=True, text=True,
+                           timeout=300)
     assert asked.returncode == 0, asked.stderr[-2000:]
     assert "documents used (epqa" in asked.stdout and "[3] " in asked.stdout and "adapter switches" in asked.stderr
+    assert "asked as: Rain Jacket: is it waterproof?" in asked.stderr  # as the run's ePQA questions were
     empty = subprocess.run([sys.executable, "-m", "bsharedrag.cli", "ask", str(tiny_run), "  "],
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode == 2 and "empty or whitespace-only" in empty.stderr
@@ -164,6 +166,13 @@ def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeyp
     out = capsys.readouterr().out
     assert "02_mine_negatives: rerun (epqa_report.csv changed since it was written)" in out
     assert report.read_text() != "tampered"
+    # timings.json holds each step's latest execution; executions.jsonl keeps every one (a resumed 07 keeps its cost)
+    executions = [json.loads(line) for line in (tiny_run / "executions.jsonl").read_text().splitlines()]
+    reruns = [e for e in executions if e["resumed"]]
+    assert [e["step"] for e in reruns][-2:] == ["05_index", "02_mine_negatives"]
+    assert all(e["status"] == "done" for e in reruns) and len({e["step"] for e in executions}) >= 7
+    timings = json.loads((tiny_run / "timings.json").read_text())
+    assert timings["02_mine_negatives"] == reruns[-1]["seconds"]
     tally("runs resumed", 3)
 
 
@@ -189,6 +198,8 @@ def test_a_failing_notebook_stops_the_chain_and_names_the_executed_copy(tmp_path
     assert f"the failing cell is marked in {run_dir / '05_index.ipynb'}" in err
     assert "NoSuchIndex" in err  # faiss refuses the factory string inside the notebook
     assert not (run_dir / "06_evaluate.ipynb").exists()
+    (failed,) = [json.loads(line) for line in (run_dir / "executions.jsonl").read_text().splitlines()]
+    assert failed["step"] == "05_index" and failed["status"] == "failed" and failed["seconds"] > 0
 
 
 def _start(args: list[str], env: dict) -> subprocess.Popen:

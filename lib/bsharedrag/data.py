@@ -260,8 +260,13 @@ def load_dataset(
     ds = subsample(ds, max_questions, seed)
     ds.queries = assign_splits(ds.queries, seed, tuple(split_fractions))
     if query_context:
-        ds.queries["text"] = [f"{c}: {q}" if c else q for c, q in zip(ds.queries["context"], ds.queries["question"])]
+        ds.queries["text"] = [query_text(q, c) for c, q in zip(ds.queries["context"], ds.queries["question"])]
     return ds
+
+
+def query_text(question: str, context: str | None = None) -> str:
+    """What a retriever is given for `question` asked in `context` (ePQA: its product's title): "context: question"."""
+    return f"{context}: {question}" if context else question
 
 
 def load_sets(common: dict, names: list[str] | None = None) -> dict[str, RetrievalDataset]:

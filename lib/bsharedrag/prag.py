@@ -37,6 +37,9 @@ MERGED = "prag_merged"
 NOT_IN_KEY = ("augment_batch_size",)  # settings that never change an adapter
 AUGMENTATION_SETTINGS = ("paraphrases", "qa_pairs", "augment_max_new_tokens", "max_retries", "doc_max_tokens",
                          "augment_seed")  # what changes the texts the backbone writes about a document
+# Bumped when the augmentation procedure changes, so that texts written by an earlier one are not reused.
+# 2: questions the QA completion leaves unanswered are answered by a second prompt.
+AUGMENTATION_VERSION = 2
 
 DOC_LABEL = {"en": "Document:", "zh": "文档："}
 PARAPHRASE_ASKS = {
@@ -53,6 +56,8 @@ ANSWER_LINE = {"en": re.compile(r"^\s*(?:answer|a)\s*[:：]\s*(.*)$", re.IGNOREC
                "zh": re.compile(r"^\s*(?:回答|答案|答)\s*[:：]\s*(.*)$")}
 ANSWER_INLINE = {"en": re.compile(r"\s(?:answer)\s*:\s*", re.IGNORECASE),
                  "zh": re.compile(r"\s*(?:回答|答案)\s*[:：]\s*")}
+LIST_MARK = re.compile(r"^\s*(?:[(（]?\d{1,2}[.、)）:：]|[-*•·])\s*")  # "1、", "2.", "(3)", "- " before a listed question
+QUESTION_END = re.compile(r"[?？]\s*$")
 QA_TEXT = {"en": "{document}\nQuestion: {question}\nAnswer: {answer}",
            "zh": "{document}\n问题：{question}\n回答：{answer}"}
 
@@ -160,53 +165,90 @@ def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) 
     return text, ""
 
 
-def parse_qa(output: str, lang: str) -> list[dict]:
-    """Question/answer pairs in a completion of `qa_prompt` (which ends with the first question marker)."""
-    pairs, question = [], None
+def parse_qa(output: str, lang: str) -> tuple[list[dict], list[str]]:
+    """Question/answer pairs in a completion of `qa_prompt` (which ends with the first question marker), and the
+    questions it asked without answering them (a small model often lists questions: "1、…？\n2、…？")."""
+    pairs, unanswered, question = [], [], None
+
+    def ask(text: str) -> None:
+        nonlocal question
+        if question:
+            unanswered.append(question)
+        question = LIST_MARK.sub("", text).strip()
+
     for line in (QUESTION[lang] + output).splitlines():
         if line.strip().startswith(DOC_LABEL[lang].strip()):
             break  # the model went on to another document
         if (match := QUESTION_LINE[lang].match(line)):
             parts = ANSWER_INLINE[lang].split(match.group(1), maxsplit=1)
-            question = parts[0].strip()
+            ask(parts[0])
             if len(parts) == 2:  # "Question: ... Answer: ..." on one line
                 pairs.append({"question": question, "answer": parts[1].strip()})
                 question = None
-        elif (match := ANSWER_LINE[lang].match(line)) and question is not None:
-            pairs.append({"question": question, "answer": match.group(1).strip()})
-            question = None
-    return pairs
+        elif (match := ANSWER_LINE[lang].match(line)):
+            if question is not None:
+                pairs.append({"question": question, "answer": match.group(1).strip()})
+                question = None
+        elif QUESTION_END.search(line):
+            ask(line)  # a listed question without the marker
+    if question:
+        unanswered.append(question)
+    return pairs, unanswered
 
 
-def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], str]:
-    """The new, valid pairs in a raw output and, where there is none, why."""
+def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], list[str], str]:
+    """The new, valid pairs in a raw output, the new questions it left unanswered, and, where there is neither, why."""
     if not output.strip():
-        return [], "empty"
-    pairs = parse_qa(output, lang)
-    if not pairs:
-        return [], "unparsable: no question followed by an answer"
+        return [], [], "empty"
+    pairs, unanswered = parse_qa(output, lang)
+    if not pairs and not unanswered:
+        return [], [], "unparsable: no question"
     seen = {_norm(p["question"]) for p in earlier}
-    good = []
-    for pair in pairs:
+    good, open_questions = [], []
+    for pair in pairs + [{"question": q, "answer": None} for q in unanswered]:
         q, a = pair["question"], pair["answer"]
-        if q and a and not _scaffolding(q, lang) and not _scaffolding(a, lang) and _norm(q) not in seen:
+        if not q or _scaffolding(q, lang) or _norm(q) in seen:
+            continue
+        if a and not _scaffolding(a, lang):
             good.append({"question": q, "answer": a})
-            seen.add(_norm(q))
-    if not good:
-        return [], "no new pair with a non-empty question and answer"
-    return good, ""
+        else:
+            open_questions.append(q)  # asked, but not answered (or answered with scaffolding): ask for the answer
+        seen.add(_norm(q))
+    if not good and not open_questions:
+        return [], [], "no new non-empty question"
+    return good, open_questions, ""
+
+
+def answer_prompt(document: str, question: str, lang: str) -> str:
+    """Completion-style prompt ending in the answer marker after `question`."""
+    label = f"{DOC_LABEL[lang]} " if lang == "en" else DOC_LABEL[lang]
+    sep = " " if lang == "en" else ""
+    return f"{label}{document}\n{QUESTION[lang]}{sep}{question}\n{ANSWER[lang]}"
+
+
+def clean_answer(output: str, lang: str) -> tuple[str, str]:
+    """(answer, "") from a completion of `answer_prompt`: its first line; or ("", why it is invalid)."""
+    line = next((ln.strip() for ln in output.splitlines() if ln.strip()), "")
+    if not line:
+        return "", "empty answer"
+    if _scaffolding(line, lang) or QUESTION_LINE[lang].match(line):
+        return "", "answer is prompt scaffolding"
+    if (match := ANSWER_LINE[lang].match(line)):
+        line = match.group(1).strip()
+    return (line, "") if line else ("", "empty answer")
 
 
 def augment_documents(backbone: Backbone, documents: list[str], lang: str, settings: PRAGSettings) -> list[dict]:
     """Paraphrases and question-answer pairs the bare backbone (no adapter active) writes about each document.
 
     Each document, cut to `doc_max_tokens`, gets `paraphrases` rewrite prompts (each asking differently) and one QA
-    prompt whose completion may hold several pairs; all documents' prompts go through one batched `generate` per
-    attempt. The first attempt decodes greedily; an output that fails validation (empty, only the prompt's
-    scaffolding, a copy of the document, a duplicate, a QA completion without a parsable non-empty question and answer)
-    is asked again with seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. What
-    still fails is recorded in "failed" (kind, reason, last output) and the document trains on what it has: the
-    document text is always a training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
+    prompt whose completion may hold several pairs; the questions it asks without an answer get an answer prompt each
+    (document, question, answer marker). Every stage of an attempt is one batched `generate` over all documents. The
+    first attempt decodes greedily; an output that fails validation (empty, only the prompt's scaffolding, a copy of
+    the document, a duplicate, a QA completion without a non-empty question, an empty answer) is asked again with
+    seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. What still fails is recorded
+    in "failed" (kind, reason, last output) and the document trains on what it has: the document text is always a
+    training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
     """
     _check_lang(lang)
     settings.validate()
@@ -223,6 +265,7 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
                    for i, kind, s in jobs]
         decode = DecodeSettings(max_new_tokens=settings.augment_max_new_tokens, do_sample=attempt > 0,
                                 batch_size=settings.augment_batch_size, seed=settings.augment_seed + attempt)
+        failures, to_answer = {}, []
         for (i, kind, slot), output in zip(jobs, generate(backbone, prompts, decode, adapter=None)):
             record = out[i]
             record["attempts"] = attempt + 1
@@ -232,12 +275,24 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
                     record["paraphrases"].append(text)
                     open_slots[i].remove(slot)
             else:
-                pairs, reason = valid_qa(output, record["qa"], lang)
+                pairs, questions, reason = valid_qa(output, record["qa"], lang)
                 record["qa"] += pairs[:settings.qa_pairs - len(record["qa"])]
-                if pairs and len(record["qa"]) < settings.qa_pairs:
-                    reason = f"{len(record['qa'])} of {settings.qa_pairs} pairs"
-            if reason:
-                last_failure[(i, kind, slot)] = {"kind": kind, "reason": reason, "output": output}
+                to_answer += [(i, q) for q in questions[:settings.qa_pairs - len(record["qa"])]]
+            failures[(i, kind, slot)] = {"kind": kind, "reason": reason, "output": output}
+        answers = generate(backbone, [answer_prompt(docs[i], q, lang) for i, q in to_answer], decode, adapter=None) \
+            if to_answer else []
+        for (i, question), output in zip(to_answer, answers):
+            answer, reason = clean_answer(output, lang)
+            if not reason:
+                out[i]["qa"].append({"question": question, "answer": answer})
+            elif not failures[(i, "qa", 0)]["reason"]:
+                failures[(i, "qa", 0)].update(reason=reason, output=f"{failures[(i, 'qa', 0)]['output']}\n"
+                                                                    f"[{question}] -> {output}")
+        for (i, kind, slot), failure in failures.items():
+            if kind == "qa" and not failure["reason"] and len(out[i]["qa"]) < settings.qa_pairs:
+                failure["reason"] = f"{len(out[i]['qa'])} of {settings.qa_pairs} pairs"
+            if failure["reason"]:
+                last_failure[(i, kind, slot)] = failure
             else:
                 last_failure.pop((i, kind, slot), None)
     for (i, _, _), failure in sorted(last_failure.items()):
@@ -439,7 +494,8 @@ class DocumentAdapterCache:
         if not self.settings.max_retries:
             del used["augment_seed"]  # greedy decoding only: the seed draws nothing
         return _sha256_json({"document": doc_text, "lang": lang, "backbone": self.backbone.fingerprint,
-                             "compute_dtype": str(self.backbone.dtype), "settings": used})
+                             "compute_dtype": str(self.backbone.dtype), "settings": used,
+                             "procedure": AUGMENTATION_VERSION})
 
     def adapter_dir(self, doc_text: str, lang: str) -> Path:
         return self.dir / "adapters" / self.key(doc_text, lang)

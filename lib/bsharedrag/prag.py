@@ -120,19 +120,22 @@ def _check_lang(lang: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Self-augmentation
 
+def _labelled(document: str, lang: str) -> str:
+    return f"{DOC_LABEL[lang]} {document}" if lang == "en" else f"{DOC_LABEL[lang]}{document}"
+
+
 def paraphrase_prompt(document: str, slot: int, lang: str) -> str:
     """Completion-style prompt for the `slot`-th rewrite of `document` (each slot asks differently)."""
     asks = PARAPHRASE_ASKS[lang]
     ask = asks[slot % len(asks)]
     if slot >= len(asks):
         ask = f"{ask[:-1]} ({slot // len(asks) + 1}){ask[-1]}"
-    return f"{DOC_LABEL[lang]} {document}\n{ask}\n" if lang == "en" else f"{DOC_LABEL[lang]}{document}\n{ask}\n"
+    return f"{_labelled(document, lang)}\n{ask}\n"
 
 
 def qa_prompt(document: str, lang: str) -> str:
     """Completion-style prompt ending in the first question marker: the model writes Question/Answer lines."""
-    label = f"{DOC_LABEL[lang]} " if lang == "en" else DOC_LABEL[lang]
-    return f"{label}{document}\n{QA_ASK[lang]}\n{QUESTION[lang]}"
+    return f"{_labelled(document, lang)}\n{QA_ASK[lang]}\n{QUESTION[lang]}"
 
 
 def _norm(text: str) -> str:
@@ -220,10 +223,8 @@ def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], l
 
 
 def answer_prompt(document: str, question: str, lang: str) -> str:
-    """Completion-style prompt ending in the answer marker after `question`."""
-    label = f"{DOC_LABEL[lang]} " if lang == "en" else DOC_LABEL[lang]
-    sep = " " if lang == "en" else ""
-    return f"{label}{document}\n{QUESTION[lang]}{sep}{question}\n{ANSWER[lang]}"
+    """Completion-style prompt ending in the answer marker after `question`: a QA training text without its answer."""
+    return QA_TEXT[lang].format(document=_labelled(document, lang), question=question, answer="").rstrip()
 
 
 def clean_answer(output: str, lang: str) -> tuple[str, str]:

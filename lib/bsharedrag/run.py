@@ -123,6 +123,18 @@ def prepare(cfg: dict, run_dir: Path, only: list[str] | None = None) -> tuple[li
     return steps, params
 
 
+def log_execution(run_dir: Path, stem: str, status: str, started: float, resumed: bool) -> float:
+    """Append one execution of step `stem` to the run's executions.jsonl; returns its seconds."""
+    # timings.json keeps each step's latest execution; this log keeps every one, so a step resumed after a failure or
+    # a stop (07 reuses its finished rows) still shows what its earlier executions cost.
+    seconds = round(time.perf_counter() - started, 1)
+    line = {"step": stem, "status": status, "seconds": seconds, "resumed": resumed,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(run_dir / "executions.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps(line) + "\n")
+    return seconds
+
+
 def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: bool = False) -> int:
     """Run the planned notebooks; stop at the first failure and print the executed notebook's path."""
     steps, params = prepare(cfg, run_dir, only)
@@ -145,17 +157,6 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
         executed = run_dir / f"{stem}.ipynb"
         print(f"[run] {stem}: executing -> {executed}", flush=True)
         started = time.perf_counter()
-
-        def log_execution(status: str) -> float:
-            # timings.json keeps each step's latest execution; this log keeps every one, so a step resumed after a
-            # failure or a stop (07 reuses its finished rows) still shows what its earlier executions cost.
-            seconds = round(time.perf_counter() - started, 1)
-            line = {"step": stem, "status": status, "seconds": seconds, "resumed": resume,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            with open(run_dir / "executions.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(line) + "\n")
-            return seconds
-
         try:
             papermill.execute_notebook(
                 str(notebook), str(executed), parameters=params[stem], kernel_name=cfg["run"]["kernel"],
@@ -163,14 +164,14 @@ def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: boo
                 execution_timeout=cfg["run"]["timeout_s"],
             )
         except Exception as exc:  # papermill raises its own error for a failing cell; anything else stops too
-            log_execution("failed")
+            log_execution(run_dir, stem, "failed", started, resume)
             print(f"[run] {stem} FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
                   file=sys.stderr, flush=True)
             print(f"[run] the failing cell is marked in {executed}", file=sys.stderr, flush=True)
             print(f"[run] fix it, then: python -m bsharedrag.run --resume {run_dir.name}", file=sys.stderr, flush=True)
             return 1
         mark_complete(step_dir, params[stem])
-        timings[stem] = log_execution("done")
+        timings[stem] = log_execution(run_dir, stem, "done", started, resume)
         atomic_write_json(run_dir / "timings.json", timings)
         print(f"[run] {stem}: done in {timings[stem]:.0f}s", flush=True)
     print(f"[run] done: {run_dir} ({sum(timings.values()):.0f}s of notebook time in this run)", flush=True)

@@ -651,3 +651,35 @@ class ParametricRAG:
                     answers[q], latency[q] = text, time.perf_counter() - start
         return {"answers": answers, "latency_s": latency,
                 "cost": {**cost, "answer_seconds": time.perf_counter() - began}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring the self-augmentation
+
+def main(argv: list[str] | None = None) -> int:
+    """Print what the bare default backbone's self-augmentation yields on the first documents of each data set."""
+    import argparse
+
+    from .backbone import load_backbone
+    from .data import load_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.prag", description=main.__doc__)
+    parser.add_argument("--docs", type=int, default=8, help="documents per data set (the first of the demo's corpus)")
+    parser.add_argument("--datasets", nargs="+", default=["ecomeval", "epqa"])
+    args = parser.parse_args(argv)
+    bb, settings = load_backbone(), PRAGSettings()
+    for name in args.datasets:
+        ds = load_dataset(name, 0, (0.7, 0.1, 0.2), 400, query_context=True)  # the demo's questions and corpus
+        docs = list(ds.passages("{title}: {text}"))[:args.docs]
+        began = time.perf_counter()
+        out = augment_documents(bb, docs, ds.lang, settings)
+        seconds = time.perf_counter() - began
+        print(f"{name}: {len(docs)} documents, {seconds / len(docs):.1f} s a document; QA pairs "
+              f"{sum(len(o['qa']) for o in out)} of {len(docs) * settings.qa_pairs}, paraphrases "
+              f"{sum(len(o['paraphrases']) for o in out)} of {len(docs) * settings.paraphrases}, failures "
+              f"{[(f['kind'], f['reason']) for o in out for f in o['failed']]}, attempts {[o['attempts'] for o in out]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

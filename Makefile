@@ -28,8 +28,9 @@ demo: data backbone
 	$(PY) -m bsharedrag.run configs/demo.yaml
 
 # 07's full grid (seeds, lambda sweep, Parametric RAG on every generation question) after the demo chain.
+# REUSE=<run_id> of a finished `make demo` links its 01-06 (same settings) instead of recomputing them.
 ablations: data backbone
-	$(PY) -m bsharedrag.run configs/ablations.yaml
+	$(PY) -m bsharedrag.run configs/ablations.yaml $(if $(REUSE),--reuse $(REUSE))
 
 test: data backbone
 	$(PY) -m pytest -q tests

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bsharedrag import paths, run
+from bsharedrag.artefacts import sha256_file
 from bsharedrag.metrics import RETRIEVAL_METRICS
 from bsharedrag.systems import SYSTEMS
 
@@ -174,6 +175,32 @@ def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeyp
     timings = json.loads((tiny_run / "timings.json").read_text())
     assert timings["02_mine_negatives"] == reruns[-1]["seconds"]
     tally("runs resumed", 3)
+
+
+def test_a_new_run_reuses_another_run_s_unchanged_steps_by_hard_link(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
+    cfg = tmp_path / "reuse.yaml"
+    cfg.write_text(yaml.safe_dump({"extends": str(paths.CONFIGS / "tiny.yaml"),
+                                   "run": {"name": "reuse", "notebooks": ["02_mine_negatives", "03_retriever", "05_index"]},
+                                   "05_index": {"systems": ["bm25"]}}))
+    marker = tiny_run / "03_retriever" / run.COMPLETE
+    before = marker.read_text()
+    assert run.main([str(cfg), "--reuse", "no-such-run"]) == 2
+    assert "--reuse no-such-run: no run at" in capsys.readouterr().err
+    assert run.main([str(cfg), "--reuse", tiny_run.name]) == 0
+    out = capsys.readouterr().out
+    (new,) = [p for p in tiny_run.parent.iterdir() if p.name.endswith("-reuse")]
+    for step in ("02_mine_negatives", "03_retriever"):
+        assert f"{step}: reused from {tiny_run.name}" in out and f"{step}: complete and verified; skipped" in out
+    assert "05_index: not reused" in out and "(its parameters changed)" in out and "05_index: executing" in out
+    adapter = "03_retriever/adapters/hard/adapter_model.safetensors"
+    assert (new / adapter).stat().st_ino == (tiny_run / adapter).stat().st_ino  # linked, not copied
+    assert (new / "05_index" / "indexes" / "epqa" / "bm25" / "manifest.json").is_file()
+    assert not (new / "05_index" / "indexes" / "epqa" / "bsharedrag").exists()
+    # the source run is untouched: its marker, and its files as the marker recorded them
+    assert marker.read_text() == before
+    recorded = json.loads(before)["files"]
+    assert all(sha256_file(tiny_run / "03_retriever" / rel) == digest for rel, digest in recorded.items())
 
 
 def test_unknown_notebook_parameter_stops_before_any_run_folder(tmp_path, monkeypatch, capsys):

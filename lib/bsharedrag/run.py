@@ -2,6 +2,7 @@
 
     python -m bsharedrag.run configs/demo.yaml [--only 05,06]
     python -m bsharedrag.run --resume RUN_ID [--only 06]
+    python -m bsharedrag.run configs/ablations.yaml --reuse RUN_ID   # a new run on another run's unchanged steps
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +137,31 @@ def log_execution(run_dir: Path, stem: str, status: str, started: float, resumed
     return seconds
 
 
+def _link_tree(source: Path, target: Path) -> None:
+    # Hard links: the continually pre-trained backbone alone is a gigabyte. Safe because every artefact is written to a
+    # staging name and renamed (artefacts.atomic_write_*, the staging folders), never rewritten in place.
+    shutil.copytree(source, target, copy_function=os.link, dirs_exist_ok=True)
+
+
+def reuse_steps(source: Path, run_dir: Path, steps: list[tuple[str, Path]], params: dict) -> list[str]:
+    """Link into the new `run_dir` the leading steps of `source` that are complete and verified there and whose
+    parameters equal this run's (run_dir aside), plus the run's caches; the first step that differs ends the reuse,
+    since every later step may have read it. Returns the steps reused."""
+    reused = []
+    for stem, _ in steps:
+        done, why = is_complete(source / stem, {**params[stem], "run_dir": str(source)})
+        if not done:
+            print(f"[run] {stem}: not reused from {source.name} ({why}); it and the steps after it run here", flush=True)
+            break
+        _link_tree(source / stem, run_dir / stem)
+        mark_complete(run_dir / stem, params[stem])
+        reused.append(stem)
+        print(f"[run] {stem}: reused from {source.name} (hard links, verified)", flush=True)
+    if reused and (source / "cache").is_dir():  # encoded passage shards and document LoRAs, keyed by what made them
+        _link_tree(source / "cache", run_dir / "cache")
+    return reused
+
+
 def execute(cfg: dict, run_dir: Path, only: list[str] | None = None, resume: bool = False) -> int:
     """Run the planned notebooks; stop at the first failure and print the executed notebook's path."""
     steps, params = prepare(cfg, run_dir, only)
@@ -209,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="a YAML under configs/ (extends base.yaml)")
     parser.add_argument("--only", help="comma-separated notebook prefixes to run, e.g. 05,06")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue outputs/RUN_ID: skip verified steps")
+    parser.add_argument("--reuse", metavar="RUN_ID",
+                        help="with a config: start the new run on outputs/RUN_ID's verified steps whose parameters "
+                             "are unchanged (hard links), e.g. make ablations after make demo")
     parser.add_argument("--dry-run", action="store_true",
                         help="resolve and check the config, plan the notebooks and their parameters; run nothing")
     args = parser.parse_args(argv)
@@ -226,9 +256,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give a config (e.g. configs/demo.yaml) or --resume RUN_ID")
         if args.dry_run:
             return dry_run(args.config, only)
+        if args.reuse and only:
+            parser.error("--reuse takes every step of the plan (it reuses what it can); leave out --only")
+        source = paths.OUTPUTS / args.reuse if args.reuse else None
+        if source and not (source / "resolved.yaml").is_file():
+            raise ConfigError(f"--reuse {args.reuse}: no run at {source} (resolved.yaml missing); runs: ls {paths.OUTPUTS}")
         cfg, run_dir = start_run(args.config, only)
         print(f"[run] run folder: {run_dir}", flush=True)
-        return execute(cfg, run_dir, only)
+        if source:
+            steps, params = prepare(cfg, run_dir)
+            reuse_steps(source, run_dir, steps, params)
+        return execute(cfg, run_dir, only, resume=bool(args.reuse))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

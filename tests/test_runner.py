@@ -207,6 +207,16 @@ def test_a_new_run_reuses_another_run_s_unchanged_steps_by_hard_link(tiny_run, t
     assert all(sha256_file(tiny_run / "03_retriever" / rel) == digest for rel, digest in recorded.items())
 
 
+def test_reuse_copies_where_the_file_system_refuses_hard_links(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "a.bin").write_bytes(b"abc")
+    monkeypatch.setattr(run.os, "link", lambda *a: (_ for _ in ()).throw(OSError(18, "Invalid cross-device link")))
+    run._link_tree(source, tmp_path / "target")
+    copied = tmp_path / "target" / "sub" / "a.bin"
+    assert copied.read_bytes() == b"abc" and copied.stat().st_ino != (source / "sub" / "a.bin").stat().st_ino
+
+
 def test_unknown_notebook_parameter_stops_before_any_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(paths, "OUTPUTS", tmp_path / "outputs")
     cfg = tmp_path / "exp.yaml"

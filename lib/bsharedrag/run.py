@@ -140,7 +140,14 @@ def log_execution(run_dir: Path, stem: str, status: str, started: float, resumed
 def _link_tree(source: Path, target: Path) -> None:
     # Hard links: the continually pre-trained backbone alone is a gigabyte. Safe because every artefact is written to a
     # staging name and renamed (artefacts.atomic_write_*, the staging folders), never rewritten in place.
-    shutil.copytree(source, target, copy_function=os.link, dirs_exist_ok=True)
+    shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links (some network and FAT mounts): a copy costs space, not results
+        shutil.copy2(source, target)
 
 
 def reuse_steps(source: Path, run_dir: Path, steps: list[tuple[str, Path]], params: dict) -> list[str]:

@@ -1,5 +1,7 @@
 """Embedding with the backbone body: pooling, padding, truncation, and any causal-LM family."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,26 @@ def test_compute_dtype_request_wins_and_unknown_is_refused():
     assert pick_compute_dtype(torch.device("cpu"), "auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="compute_dtype 'fp8'"):
         pick_compute_dtype(torch.device("cpu"), "fp8")
+
+
+def test_auto_dtype_is_measured_once_per_machine_and_read_back_after(tmp_path, monkeypatch):
+    from bsharedrag import devices
+
+    monkeypatch.setenv("BSHAREDRAG_CACHE", str(tmp_path))
+    record = tmp_path / devices.DECISIONS
+    record.write_text("{not json")  # a damaged record is measured again and rewritten
+    devices._bf16_wins_on_cpu.cache_clear()
+    try:
+        first = devices.pick_compute_dtype(torch.device("cpu"), "auto")
+        saved = json.loads(record.read_text())[devices._cpu_key()]
+        assert saved["bf16_wins"] == (first == torch.bfloat16) and saved["fp32_tflops"] > 0
+        # Another process (a fresh lru cache) reads the decision instead of measuring: here it could not measure.
+        devices._bf16_wins_on_cpu.cache_clear()
+        monkeypatch.setattr(devices, "measure_matmul_tflops", lambda *a, **k: pytest.fail("measured again"))
+        record.write_text(json.dumps({devices._cpu_key(): {**saved, "bf16_wins": not saved["bf16_wins"]}}))
+        assert devices.pick_compute_dtype(torch.device("cpu"), "auto") != first
+    finally:
+        devices._bf16_wins_on_cpu.cache_clear()
 
 
 def test_fingerprint_tells_weights_apart():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -44,16 +47,53 @@ def measure_matmul_tflops(dtype: torch.dtype, device: str | torch.device = "cpu"
             return 2 * n**3 * reps / elapsed / 1e12
 
 
+def _cpu_key() -> str:
+    """What the bf16-or-fp32 decision depends on: the processor, the torch build and the thread count."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+DECISIONS = "compute_dtype.json"  # in paths.cache_dir(): one measured decision per processor, torch and threads
+
+
 @functools.lru_cache(maxsize=None)
 def _bf16_wins_on_cpu() -> bool:
-    # Many CPUs (AVX2-only ones among them) run bf16 matmuls hundreds of times slower than fp32: ask the hardware.
-    fp32 = measure_matmul_tflops(torch.float32, "cpu", n=256, seconds=0.05)
-    bf16 = measure_matmul_tflops(torch.bfloat16, "cpu", n=256, seconds=0.05)
-    return bf16 > 1.2 * fp32
+    # Many CPUs (AVX2-only ones among them) run bf16 matmuls hundreds of times slower than fp32: ask the hardware,
+    # once per machine. A short measurement repeated in every process flipped under load (a run's 04 in bf16, its
+    # 05 in fp32), so the decision is measured carefully once and recorded; every later process reads it.
+    from . import paths
+    from .artefacts import atomic_write_text
+
+    record_path = paths.cache_dir() / DECISIONS
+    key = _cpu_key()
+    try:
+        decisions = json.loads(record_path.read_text())
+        if not isinstance(decisions, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        decisions = {}  # none yet, or unreadable: measure again and rewrite it
+    known = decisions.get(key)
+    if isinstance(known, dict) and isinstance(known.get("bf16_wins"), bool):
+        return known["bf16_wins"]
+    fp32 = bf16 = 0.0
+    for _ in range(3):  # interleaved, best of three: a busy neighbour slows one round, not the best one
+        fp32 = max(fp32, measure_matmul_tflops(torch.float32, "cpu", n=512, seconds=0.1))
+        bf16 = max(bf16, measure_matmul_tflops(torch.bfloat16, "cpu", n=512, seconds=0.1))
+    wins = bf16 > 1.2 * fp32
+    decisions[key] = {"bf16_wins": wins, "fp32_tflops": round(fp32, 4), "bf16_tflops": round(bf16, 4)}
+    with contextlib.suppress(OSError):  # a read-only cache still gets this process's decision
+        atomic_write_text(record_path, json.dumps(decisions, indent=1, sort_keys=True))
+    return wins
 
 
 def pick_compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
-    """bf16 where the hardware runs it faster than fp32 (measured on CPU), else fp32; `requested` wins."""
+    """bf16 where the hardware runs it faster than fp32, else fp32; `requested` wins. On CPU the answer is measured once
+    per processor, torch build and thread count, and recorded in the cache folder (compute_dtype.json)."""
     if requested != "auto":
         if requested not in DTYPES:
             raise ValueError(f"compute_dtype {requested!r} is unknown; use auto, {', '.join(DTYPES)}")

@@ -70,7 +70,10 @@ class BackboneEncoder:
                          self.batch_size, desc="passages")[self.pooling]
 
         # The fingerprint names the weights; the path they were loaded from does not (a moved run reuses its cache).
-        key = {k: v for k, v in self.identity.items() if k != "backbone"} | {"kind": "passages"}
+        # The compute dtype is part of the key: fp32 and bf16 vectors differ in the third decimal, enough to reorder
+        # near ties, so an index never mixes the two.
+        key = ({k: v for k, v in self.identity.items() if k != "backbone"}
+               | {"kind": "passages", "dtype": str(self.backbone.dtype)})
         with self._active():
             return encode_cached(encode, texts, key, self.cache_dir,
                                  dim=self.backbone.model.config.get_text_config().hidden_size)

@@ -67,7 +67,7 @@ def _bf16_wins_on_cpu() -> bool:
     # once per machine. A short measurement repeated in every process flipped under load (a run's 04 in bf16, its
     # 05 in fp32), so the decision is measured carefully once and recorded; every later process reads it.
     from . import paths
-    from .artefacts import atomic_write_text
+    from .artefacts import atomic_write_json
 
     record_path = paths.cache_dir() / DECISIONS
     key = _cpu_key()
@@ -87,7 +87,7 @@ def _bf16_wins_on_cpu() -> bool:
     wins = bf16 > 1.2 * fp32
     decisions[key] = {"bf16_wins": wins, "fp32_tflops": round(fp32, 4), "bf16_tflops": round(bf16, 4)}
     with contextlib.suppress(OSError):  # a read-only cache still gets this process's decision
-        atomic_write_text(record_path, json.dumps(decisions, indent=1, sort_keys=True))
+        atomic_write_json(record_path, decisions)
     return wins
 
 

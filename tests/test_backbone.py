@@ -113,6 +113,22 @@ def test_fingerprint_is_the_same_whichever_way_the_folder_is_named(tmp_path, mon
     assert absolute.fingerprint == relative.fingerprint  # `bsharedrag ask outputs/<run>` meets 03's adapter
 
 
+def test_a_tokenizer_is_read_once_per_process_until_its_files_change(tmp_path):
+    import os
+
+    from bsharedrag.backbone import load_tokenizer
+
+    first = load_backbone("tiny-random-gemma3", compute_dtype="float32")
+    assert load_backbone("tiny-random-gemma3", compute_dtype="float32").tokenizer is first.tokenizer  # 07: a dozen loads
+    saved = tmp_path / "tokenizer"
+    first.tokenizer.save_pretrained(saved)
+    again = load_tokenizer(saved)
+    assert again is not first.tokenizer and load_tokenizer(saved) is again
+    config = saved / "tokenizer_config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    assert load_tokenizer(saved) is not again  # a rewritten tokenizer is read anew
+
+
 def test_bf16_compute_holds_bf16_weights_with_the_fp32_fingerprint_and_fp32_adapters(tmp_path):
     from bsharedrag.retriever import RetrieverSettings, add_retrieval_adapter
 

@@ -126,6 +126,27 @@ def _dense_head_input(head: torch.nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+_TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}
+
+
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of model folder or hub id `source`, read once per process while its files stay unchanged.
+
+    Reading Gemma's 262k-entry tokenizer.json takes 3-4 s, and 07 loads a backbone a dozen times. Backbones loaded
+    from one source therefore share one tokenizer object: change a setting on it (padding side, special tokens) only
+    for the length of a call, and put it back, as `generator.generate` does with the padding side.
+    """
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+        key = (str(folder.resolve()), tuple(files))
+    else:  # a hub id: the hub's cache decides what is read
+        key = (str(source),)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source)
+    return _TOKENIZERS[key]
+
+
 def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | None = None, compute_dtype: str = "auto",
                   seed: int = 0, weights_dtype: str = "compute") -> Backbone:
     """Load the default backbone, a tiny random one (`tiny-random-gemma3`), or any Hugging Face causal LM path.
@@ -141,13 +162,13 @@ def load_backbone(name_or_path: str = DEFAULT_BACKBONE, device: str | None = Non
     compute = pick_compute_dtype(dev, compute_dtype)
     held = compute if weights_dtype == "compute" else torch.float32
     if name_or_path.startswith(TINY_PREFIX):
-        tokenizer = AutoTokenizer.from_pretrained(prepare_default_backbone())
+        tokenizer = load_tokenizer(prepare_default_backbone())
         model = tiny_random_model(name_or_path[len(TINY_PREFIX):], tokenizer, seed).to(held)
     else:
         source = prepare_default_backbone() if name_or_path == DEFAULT_BACKBONE else name_or_path
         if not (Path(source) / "config.json").is_file() and Path(source).exists():
             raise FileNotFoundError(f"{source} holds no config.json: give a Hugging Face model folder or hub id")
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=held)
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token

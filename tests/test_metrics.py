@@ -6,7 +6,7 @@ import random
 import pytest
 import pytrec_eval
 
-from bsharedrag.metrics import RETRIEVAL_METRICS, evaluate_retrieval, per_query_retrieval
+from bsharedrag.metrics import RETRIEVAL_METRICS, evaluate_retrieval, paired_comparison, per_query_retrieval
 
 
 def test_hand_computed_example():
@@ -51,3 +51,23 @@ def test_queries_without_relevant_documents_are_left_out_and_counted():
     assert set(RETRIEVAL_METRICS) <= set(out)
     with pytest.raises(ValueError, match="no query in the run has a relevant document"):
         evaluate_retrieval({"q2": ["b"]}, qrels)
+
+
+def test_a_paired_comparison_tells_a_consistent_gap_from_noise(tally):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0, 1, 60))}
+    ahead = {q: v + 0.2 + float(rng.normal(0, 0.05)) for q, v in base.items()}
+    noisy = {q: v + float(rng.normal(0, 0.1)) for q, v in base.items()}
+    gap = paired_comparison(ahead, base, resamples=2000)
+    assert gap["difference"] == pytest.approx(np.mean([ahead[q] - base[q] for q in base]))
+    assert 0.15 < gap["ci95_low"] < gap["difference"] < gap["ci95_high"] < 0.25 and gap["p_value"] < 0.001
+    assert gap["a_wins"] == 60 and gap["n"] == 60
+    noise = paired_comparison(noisy, base, resamples=2000)
+    assert noise["ci95_low"] < 0 < noise["ci95_high"] and noise["p_value"] > 0.05
+    same = paired_comparison(base, dict(base))
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and same["ties"] == 60
+    with pytest.raises(ValueError, match="different queries"):
+        paired_comparison(base, {**base, "extra": 1.0})
+    tally("bad inputs tried")

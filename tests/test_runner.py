@@ -149,6 +149,21 @@ def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):
     assert evaluate_retrieval(ranking, ds.qrels) == pytest.approx(metrics["retrieval"]["epqa"]["bm25"])
 
 
+def test_compare_tests_two_of_06s_saved_rankings_on_the_runs_split(tiny_run, capsys, tally):
+    from bsharedrag import cli
+    from bsharedrag.evaluation import compare_saved_rankings
+
+    metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())["retrieval"]["ecomeval"]
+    r = compare_saved_rankings(tiny_run, "ecomeval", "bsharedrag", "bm25", "hit@3", resamples=500)
+    assert r["mean_a"] == pytest.approx(metrics["bsharedrag"]["hit@3"]) and r["n"] == metrics["bm25"]["n_queries"]
+    assert r["mean_b"] == pytest.approx(metrics["bm25"]["hit@3"]) and r["a_wins"] + r["b_wins"] + r["ties"] == r["n"]
+    assert cli.main(["compare", str(tiny_run), "bsharedrag", "bm25", "--resamples", "500"]) == 0
+    assert "epqa test ndcg@5 over" in capsys.readouterr().out
+    assert cli.main(["compare", str(tiny_run), "bsharedrag", "colbert"]) == 2
+    assert "no saved epqa ranking of 'colbert'" in capsys.readouterr().err
+    tally("bad inputs tried")
+
+
 def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeypatch, capsys, tally):
     monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
     assert run.main(["--resume", tiny_run.name]) == 0

@@ -1,4 +1,5 @@
-"""The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run."""
+"""The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
+RUN_DIR A B` tests whether two retrievers of its 06 differ."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from .evaluation import compare_saved_rankings
+
+    r = compare_saved_rankings(args.run_dir, args.dataset, args.a, args.b, args.metric, args.resamples)
+    p = f"{r['p_value']:.3f}" if r["p_value"] >= 0.001 else "< 0.001"
+    print(f"{r['dataset']} test {r['metric']} over {r['n']} questions: {r['a']} {r['mean_a']:.3f} vs {r['b']} "
+          f"{r['mean_b']:.3f}; difference {r['difference']:+.3f}, 95% bootstrap interval [{r['ci95_low']:+.3f}, "
+          f"{r['ci95_high']:+.3f}], paired permutation p {p}; {r['a']} better on {r['a_wins']}, "
+          f"{r['b']} on {r['b_wins']}, tied on {r['ties']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bsharedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
                    "product's title, e.g. --context 'Smittybilt Cargo Net')")
     p.add_argument("--k", type=int, help="documents to retrieve (default: what the generator was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (default: the run's 06 setting)")
+    p = sub.add_parser("compare", help="paired test of two retrieval systems on a finished run's test rankings (06)")
+    p.add_argument("run_dir", help="outputs/<run_id> with 06_evaluate done")
+    p.add_argument("a", help="a retrieval system of 06, e.g. bsharedrag")
+    p.add_argument("b", help="the system to compare with, e.g. minilm")
+    p.add_argument("--dataset", default="epqa", help="epqa or ecomeval (default: epqa)")
+    p.add_argument("--metric", default="ndcg@5", help="a per-question retrieval metric (default: ndcg@5)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return ask(args)
+        return ask(args) if args.command == "ask" else compare(args)
     except (FileNotFoundError, ValueError) as err:
-        print(f"bsharedrag ask: {err}", file=sys.stderr)
+        print(f"bsharedrag {args.command}: {err}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ from .generator import (
     generate,
     gold_documents,
 )
-from .metrics import evaluate_retrieval
+from .metrics import evaluate_retrieval, paired_comparison, per_query
 from .systems import EncodeSettings, retrieve
 
 
@@ -107,3 +107,27 @@ def side_by_side(generations_file: str | Path, n: int = 3, seed: int = 0) -> pd.
     table = frame.pivot_table(index=["qid", "question"], columns="system", values="answer", aggfunc="first")
     table["reference"] = [next(r["references"][0] for r in rows if r["qid"] == qid) for qid, _ in table.index]
     return table.sample(n=min(n, len(table)), random_state=seed).reset_index(level=0, drop=True)
+
+
+def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, system_b: str, metric: str = "ndcg@5",
+                           resamples: int = 10_000) -> dict:
+    """`metrics.paired_comparison` of two systems' test rankings that 06 saved in run_dir, on the run's own split."""
+    import yaml
+
+    from .data import load_sets
+
+    run_dir = Path(run_dir)
+    folder = run_dir / "06_evaluate" / "runs" / dataset
+    runs = {}
+    for system in (system_a, system_b):
+        path = folder / f"{system}.json"
+        if not path.is_file():
+            saved = sorted(f.stem for f in folder.glob("*.json")) if folder.is_dir() else []
+            raise FileNotFoundError(f"no saved {dataset} ranking of {system!r} at {path}; 06 saved: "
+                                    f"{', '.join(saved) or 'none (has 06_evaluate run on this data set?)'}")
+        runs[system] = json.loads(path.read_text(encoding="utf-8"))
+    common = yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8"))["common"]
+    qrels = load_sets(common, [dataset])[dataset].qrels
+    out = paired_comparison(per_query(runs[system_a], qrels, metric), per_query(runs[system_b], qrels, metric),
+                            resamples=resamples)
+    return {"dataset": dataset, "metric": metric, "a": system_a, "b": system_b, **out}

@@ -157,6 +157,14 @@ def test_compare_tests_two_of_06s_saved_rankings_on_the_runs_split(tiny_run, cap
     r = compare_saved_rankings(tiny_run, "ecomeval", "bsharedrag", "bm25", "hit@3", resamples=500)
     assert r["mean_a"] == pytest.approx(metrics["bsharedrag"]["hit@3"]) and r["n"] == metrics["bm25"]["n_queries"]
     assert r["mean_b"] == pytest.approx(metrics["bm25"]["hit@3"]) and r["a_wins"] + r["b_wins"] + r["ties"] == r["n"]
+    # 06 tests each trained retriever against every other system (nDCG@5), each pair once, with the same numbers.
+    paired = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())["paired"]["epqa"]
+    assert {(row["a"], row["b"]) for row in paired} == {("bsharedrag", s) for s in SYSTEMS if s != "bsharedrag"} | {
+        ("bsharedrag_random_negatives", s) for s in SYSTEMS if not s.startswith("bsharedrag")}
+    row = next(row for row in paired if (row["a"], row["b"]) == ("bsharedrag", "minilm"))
+    again = compare_saved_rankings(tiny_run, "epqa", "bsharedrag", "minilm")
+    assert all(row[k] == pytest.approx(again[k]) for k in ("n", "difference", "ci95_low", "ci95_high", "p_value"))
+    assert (tiny_run / "06_evaluate" / "tables" / "paired_epqa.md").is_file()
     assert cli.main(["compare", str(tiny_run), "bsharedrag", "bm25", "--resamples", "500"]) == 0
     assert "epqa test ndcg@5 over" in capsys.readouterr().out
     assert cli.main(["compare", str(tiny_run), "bsharedrag", "colbert"]) == 2

@@ -22,7 +22,7 @@ from .generator import (
     gold_documents,
 )
 from .metrics import evaluate_retrieval, paired_comparison, per_query
-from .systems import EncodeSettings, retrieve
+from .systems import ADAPTED, EncodeSettings, retrieve
 
 
 def evaluate_retrieval_systems(sets: dict[str, RetrievalDataset], systems: list[str], index_root: str | Path,
@@ -109,6 +109,37 @@ def side_by_side(generations_file: str | Path, n: int = 3, seed: int = 0) -> pd.
     return table.sample(n=min(n, len(table)), random_state=seed).reset_index(level=0, drop=True)
 
 
+def saved_ranking(out_dir: str | Path, dataset: str, system: str) -> dict[str, list[str]]:
+    """The test ranking of `system` on `dataset` that `evaluate_retrieval_systems` saved under out_dir/runs."""
+    folder = Path(out_dir) / "runs" / dataset
+    path = folder / f"{system}.json"
+    if not path.is_file():
+        saved = sorted(f.stem for f in folder.glob("*.json")) if folder.is_dir() else []
+        raise FileNotFoundError(f"no saved {dataset} ranking of {system!r} at {path}; 06 saved: "
+                                f"{', '.join(saved) or 'none (has 06_evaluate run on this data set?)'}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def paired_tests(out_dir: str | Path, sets: dict[str, RetrievalDataset], systems: list[str], metric: str = "ndcg@5",
+                 resamples: int = 10_000) -> dict[str, list[dict]]:
+    """{dataset: [row]}: each trained retriever of `systems` against every other system, per question on the
+    rankings saved under out_dir/runs (`metrics.paired_comparison`: is a gap a difference on this many questions?)."""
+    out = {}
+    for name, ds in sets.items():
+        scores = {s: per_query(saved_ranking(out_dir, name, s), ds.qrels, metric) for s in systems}
+        out[name] = [{"a": a, "b": b, "metric": metric, **paired_comparison(scores[a], scores[b], resamples)}
+                     for i, a in enumerate(systems) if a in ADAPTED
+                     for j, b in enumerate(systems) if b != a and (b not in ADAPTED or j > i)]
+    return out
+
+
+def paired_table(rows: list[dict]) -> pd.DataFrame:
+    """`paired_tests` rows of one data set as a table indexed by (a, b), the questions won in one text column."""
+    table = pd.DataFrame(rows).set_index(["a", "b"])
+    table["won a / b / tied"] = [f"{r['a_wins']} / {r['b_wins']} / {r['ties']}" for r in rows]
+    return table[["mean_a", "mean_b", "difference", "ci95_low", "ci95_high", "p_value", "won a / b / tied"]]
+
+
 def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, system_b: str, metric: str = "ndcg@5",
                            resamples: int = 10_000) -> dict:
     """`metrics.paired_comparison` of two systems' test rankings that 06 saved in run_dir, on the run's own split."""
@@ -117,15 +148,7 @@ def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, sys
     from .data import load_sets
 
     run_dir = Path(run_dir)
-    folder = run_dir / "06_evaluate" / "runs" / dataset
-    runs = {}
-    for system in (system_a, system_b):
-        path = folder / f"{system}.json"
-        if not path.is_file():
-            saved = sorted(f.stem for f in folder.glob("*.json")) if folder.is_dir() else []
-            raise FileNotFoundError(f"no saved {dataset} ranking of {system!r} at {path}; 06 saved: "
-                                    f"{', '.join(saved) or 'none (has 06_evaluate run on this data set?)'}")
-        runs[system] = json.loads(path.read_text(encoding="utf-8"))
+    runs = {system: saved_ranking(run_dir / "06_evaluate", dataset, system) for system in (system_a, system_b)}
     common = yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8"))["common"]
     qrels = load_sets(common, [dataset])[dataset].qrels
     out = paired_comparison(per_query(runs[system_a], qrels, metric), per_query(runs[system_b], qrels, metric),

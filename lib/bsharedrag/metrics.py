@@ -84,16 +84,15 @@ def paired_comparison(a: dict[str, float], b: dict[str, float], resamples: int =
     x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
     diff = x - y
     rng = np.random.default_rng(seed)
-    if np.all(diff == diff[0]):  # no spread: the interval is the point and only a zero difference is likely
+    if np.all(diff == diff[0]):  # no spread to resample: the interval is the point itself
         low = high = float(diff[0])
-        p_value = 1.0 if diff[0] == 0 else 0.0
     else:
         interval = stats.bootstrap((diff,), np.mean, n_resamples=resamples, confidence_level=0.95,
                                    method="percentile", rng=rng).confidence_interval
         low, high = float(interval.low), float(interval.high)
-        p_value = float(stats.permutation_test((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), vectorized=True,
-                                               permutation_type="samples", n_resamples=resamples,
-                                               alternative="two-sided", rng=rng).pvalue)
+    p_value = float(stats.permutation_test((x, y), lambda u, v, axis: np.mean(u - v, axis=axis), vectorized=True,
+                                           permutation_type="samples", n_resamples=resamples,
+                                           alternative="two-sided", rng=rng).pvalue)
     return {"n": len(qids), "mean_a": float(x.mean()), "mean_b": float(y.mean()), "difference": float(diff.mean()),
             "ci95_low": low, "ci95_high": high, "p_value": p_value, "a_wins": int((diff > 0).sum()),
             "b_wins": int((diff < 0).sum()), "ties": int((diff == 0).sum())}

@@ -70,4 +70,8 @@ def test_a_paired_comparison_tells_a_consistent_gap_from_noise(tally):
     assert same["difference"] == 0 and same["p_value"] == 1.0 and same["ties"] == 60
     with pytest.raises(ValueError, match="different queries"):
         paired_comparison(base, {**base, "extra": 1.0})
+    from bsharedrag.metrics import per_query
+
+    with pytest.raises(ValueError, match="unknown retrieval metric 'bleu3'"):
+        per_query({"q0": ["d"]}, {"q0": {"d": 1}}, "bleu3")
     tally("bad inputs tried")

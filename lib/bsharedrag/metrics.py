@@ -60,10 +60,14 @@ def evaluate_retrieval(run: dict[str, list[str]], qrels: dict[str, dict[str, int
     return out
 
 
-def per_query(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], metric: str) -> dict[str, float]:
-    """`metric` of every query of `run` that has a relevant document (the queries `evaluate_retrieval` averages)."""
+def check_retrieval_metric(metric: str) -> None:
     if metric not in RETRIEVAL_METRICS:
         raise ValueError(f"unknown retrieval metric {metric!r}; use one of {', '.join(RETRIEVAL_METRICS)}")
+
+
+def per_query(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], metric: str) -> dict[str, float]:
+    """`metric` of every query of `run` that has a relevant document (the queries `evaluate_retrieval` averages)."""
+    check_retrieval_metric(metric)
     return {qid: scores[metric] for qid, scores in _judged(run, qrels).items()}
 
 

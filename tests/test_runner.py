@@ -172,6 +172,35 @@ def test_compare_tests_two_of_06s_saved_rankings_on_the_runs_split(tiny_run, cap
     tally("bad inputs tried")
 
 
+def test_heldout_scores_the_runs_retrievers_on_every_question_it_never_trained_on(tiny_run, capsys, tally):
+    from bsharedrag import cli
+    from bsharedrag.data import load_dataset, load_sets
+    from bsharedrag.heldout import evaluate_heldout, heldout_set
+
+    common = yaml.safe_load((tiny_run / "resolved.yaml").read_text())["common"]
+    ds, counts = heldout_set(common, "ecomeval")
+    run_ds = load_sets(common, ["ecomeval"])["ecomeval"]
+    seen = set(run_ds.queries.loc[run_ds.queries["split"] != "test", "qid"])
+    full = load_dataset("ecomeval")
+    held = set(ds.queries["qid"])
+    assert held == set(full.queries["qid"]) - seen and set(run_ds.split("test")["qid"]) <= held
+    assert counts == {"questions": len(held), "run_test": len(run_ds.split("test")),
+                      "outside_subsample": len(full.queries) - len(run_ds.queries), "run_seen": len(seen)}
+    assert len(ds.corpus) == len(full.corpus) > len(run_ds.corpus) and set(ds.queries["split"]) == {"test"}
+    m = evaluate_heldout(tiny_run, "ecomeval", ["bsharedrag", "bm25"], "hit@3", resamples=200)
+    assert m["retrieval"]["bm25"]["n_queries"] == m["paired"][0]["n"] > 5 * m["run_test"] > 0
+    assert (m["paired"][0]["a"], m["paired"][0]["b"]) == ("bsharedrag", "bm25")
+    assert m["paired"][0]["mean_a"] == pytest.approx(m["retrieval"]["bsharedrag"]["hit@3"])
+    written = json.loads((tiny_run / "heldout" / "metrics_ecomeval.json").read_text())
+    assert written["paired"] == m["paired"]
+    assert all((tiny_run / "heldout" / "tables" / f"{t}_ecomeval.md").is_file() for t in ("retrieval", "paired"))
+    assert cli.main(["heldout", str(tiny_run), "--dataset", "ecomeval", "--systems", "bm25"]) == 0
+    assert "questions the run never trained or validated on" in capsys.readouterr().out
+    assert cli.main(["heldout", str(tiny_run), "--systems", "colbert"]) == 2
+    assert "'colbert'" in capsys.readouterr().err and not (tiny_run / "heldout" / "metrics_epqa.json").exists()
+    tally("bad inputs tried")
+
+
 def test_resume_skips_verified_steps_and_reruns_a_tampered_one(tiny_run, monkeypatch, capsys, tally):
     monkeypatch.setattr(paths, "OUTPUTS", tiny_run.parent)
     assert run.main(["--resume", tiny_run.name]) == 0

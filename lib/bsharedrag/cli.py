@@ -1,11 +1,13 @@
 """The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
-RUN_DIR A B` tests whether two retrievers of its 06 differ."""
+RUN_DIR A B` tests whether two retrievers of its 06 differ; `bsharedrag heldout RUN_DIR` scores its retrievers on
+every question it never trained on."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def ask(args: argparse.Namespace) -> int:
@@ -40,6 +42,24 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def heldout(args: argparse.Namespace) -> int:
+    from .heldout import evaluate_heldout
+
+    m = evaluate_heldout(args.run_dir, args.dataset, args.systems, args.metric, args.resamples)
+    print(f"{m['dataset']}: {m['questions']} questions the run never trained or validated on ({m['run_test']} of its "
+          f"test split, {m['outside_subsample']} outside its subsample), full corpus of {m['corpus_documents']} "
+          f"documents")
+    for system, r in m["retrieval"].items():
+        print(f"  {system:<28} nDCG@5 {r['ndcg@5']:.3f}  Hit@3 {r['hit@3']:.3f}  MRR@10 {r['mrr@10']:.3f}  "
+              f"({r['n_queries']} questions with a relevant document)")
+    for r in m["paired"]:
+        p = f"{r['p_value']:.3f}" if r["p_value"] >= 0.001 else "< 0.001"
+        print(f"  {r['a']} - {r['b']}: {m['metric']} {r['difference']:+.3f}, 95% interval [{r['ci95_low']:+.3f}, "
+              f"{r['ci95_high']:+.3f}], p {p}, won {r['a_wins']} / {r['b_wins']} / tied {r['ties']}")
+    print(f"  written to {Path(args.run_dir) / 'heldout'} (metrics_{m['dataset']}.json, tables/)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bsharedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,10 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="epqa", help="epqa or ecomeval (default: epqa)")
     p.add_argument("--metric", default="ndcg@5", help="a per-question retrieval metric (default: ndcg@5)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
+    p = sub.add_parser("heldout", help="a run's retrievers on every question it never trained or validated on, over "
+                       "the full corpus: enough questions for a paired test to separate close systems")
+    p.add_argument("run_dir", help="outputs/<run_id> with 03_retriever done (for the trained retrievers)")
+    p.add_argument("--dataset", default="epqa", help="epqa or ecomeval (default: epqa)")
+    p.add_argument("--systems", nargs="+", help="retrieval systems (default: the run's 06 systems)")
+    p.add_argument("--metric", default="ndcg@5", help="the paired tests' per-question metric (default: ndcg@5)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return ask(args) if args.command == "ask" else compare(args)
+        return {"ask": ask, "compare": compare, "heldout": heldout}[args.command](args)
     except (FileNotFoundError, ValueError) as err:
         print(f"bsharedrag {args.command}: {err}", file=sys.stderr)
         return 2

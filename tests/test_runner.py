@@ -191,6 +191,9 @@ def test_heldout_scores_the_runs_retrievers_on_every_question_it_never_trained_o
     assert m["retrieval"]["bm25"]["n_queries"] == m["paired"][0]["n"] > 5 * m["run_test"] > 0
     assert (m["paired"][0]["a"], m["paired"][0]["b"]) == ("bsharedrag", "bm25")
     assert m["paired"][0]["mean_a"] == pytest.approx(m["retrieval"]["bsharedrag"]["hit@3"])
+    split = m["paired_by_origin"]  # the same questions, by whether the run's test split holds them
+    assert split["run_test"][0]["n"] + split["outside_subsample"][0]["n"] == m["paired"][0]["n"]
+    assert split["run_test"][0]["n"] <= m["run_test"] and set(ds.queries["origin"]) == {"run_test", "outside_subsample"}
     written = json.loads((tiny_run / "heldout" / "metrics_ecomeval.json").read_text())
     assert written["paired"] == m["paired"]
     assert all((tiny_run / "heldout" / "tables" / f"{t}_ecomeval.md").is_file() for t in ("retrieval", "paired"))

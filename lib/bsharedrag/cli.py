@@ -56,6 +56,10 @@ def heldout(args: argparse.Namespace) -> int:
         p = f"{r['p_value']:.3f}" if r["p_value"] >= 0.001 else "< 0.001"
         print(f"  {r['a']} - {r['b']}: {m['metric']} {r['difference']:+.3f}, 95% interval [{r['ci95_low']:+.3f}, "
               f"{r['ci95_high']:+.3f}], p {p}, won {r['a_wins']} / {r['b_wins']} / tied {r['ties']}")
+    for where, rows in m["paired_by_origin"].items():
+        for r in rows:
+            print(f"  {where} only ({r['n']}): {r['a']} - {r['b']} {r['difference']:+.3f}, 95% interval "
+                  f"[{r['ci95_low']:+.3f}, {r['ci95_high']:+.3f}] ({r['mean_a']:.3f} vs {r['mean_b']:.3f})")
     print(f"  written to {Path(args.run_dir) / 'heldout'} (metrics_{m['dataset']}.json, tables/)")
     return 0
 

@@ -13,8 +13,8 @@ from .artefacts import atomic_write_json
 from .backbone import load_backbone
 from .config import load_config
 from .data import RetrievalDataset, load_dataset, load_sets
-from .evaluation import evaluate_retrieval_systems, paired_table, paired_tests
-from .metrics import RETRIEVAL_METRICS, check_retrieval_metric
+from .evaluation import evaluate_retrieval_systems, paired_table, paired_tests, saved_ranking
+from .metrics import RETRIEVAL_METRICS, check_retrieval_metric, paired_comparison, per_query
 from .pipeline import run_backbone
 from .systems import ADAPTED, BASELINES, EncodeSettings, build_indexes
 
@@ -23,7 +23,8 @@ HELDOUT = "heldout"  # the folder inside the run
 
 def heldout_set(common: dict, name: str) -> tuple[RetrievalDataset, dict]:
     """Data set `name` in full, its queries cut to the ones the run with this `common` section never saw (all marked
-    "test"), and counts: {"questions", "run_test", "outside_subsample", "run_seen"}.
+    "test", and in column "origin" whether the run's test split holds them: "run_test" or "outside_subsample"), and
+    counts: {"questions", "run_test", "outside_subsample", "run_seen"}.
 
     Seen are the run's train questions (02 mines them, 03 trains on them, 01 reads their answers) and its dev
     questions (03 validates on them, and they picked the demo's settings). The corpus is the full one.
@@ -34,6 +35,7 @@ def heldout_set(common: dict, name: str) -> tuple[RetrievalDataset, dict]:
     full = load_dataset(name, common["seed"], common["split_fractions"], 0, query_context=common["query_context"])
     queries = full.queries[~full.queries["qid"].isin(seen)].copy()
     queries["split"] = "test"
+    queries["origin"] = ["run_test" if q in run_test else "outside_subsample" for q in queries["qid"]]
     full.queries = queries.reset_index(drop=True)
     return full, {"questions": len(queries), "run_test": len(run_test), "outside_subsample": len(queries) - len(run_test),
                   "run_seen": len(seen)}
@@ -43,7 +45,8 @@ def evaluate_heldout(run_dir: str | Path, dataset: str = "epqa", systems: list[s
                      metric: str = "ndcg@5", resamples: int = 10_000) -> dict:
     """Index the full corpus of `dataset` with each of `systems` (default: the run's 06 systems) as the run built them
     (its backbone, 03's adapters, its encoding settings), rank the held-out questions, score them and test each
-    trained retriever against every other system (`evaluation.paired_tests`).
+    trained retriever against every other system (`evaluation.paired_tests`), on all of them and on each origin
+    apart (the run's test split, whose documents the run's corpus held, and the questions outside its subsample).
 
     Writes run_dir/heldout/: indexes/<dataset>/, runs/<dataset>/ (rankings), metrics_<dataset>.json and
     tables/{retrieval,paired}_<dataset>.md/.tex, as 06 names them; the encoded passages go to the run's embedding
@@ -80,8 +83,16 @@ def evaluate_heldout(run_dir: str | Path, dataset: str = "epqa", systems: list[s
     depth = cfg.get("06_evaluate", {}).get("retrieval_depth", 100)
     retrieval = evaluate_retrieval_systems({dataset: ds}, systems, out / "indexes", settings, depth, out, "test", bb)
     paired = paired_tests(out, {dataset: ds}, systems, metric, resamples)[dataset]
+    scores = {s: per_query(saved_ranking(out, dataset, s), ds.qrels, metric) for s in systems}
+    origin = dict(zip(ds.queries["qid"], ds.queries["origin"]))
+    by_origin = {}
+    for where in ("run_test", "outside_subsample"):
+        kept = {s: {q: v for q, v in scores[s].items() if origin[q] == where} for s in systems}
+        if len(kept[systems[0]]) >= 2:  # a run on the full data set has no question outside its subsample
+            by_origin[where] = [{"a": r["a"], "b": r["b"], "metric": metric,
+                                 **paired_comparison(kept[r["a"]], kept[r["b"]], resamples)} for r in paired]
     metrics = {"dataset": dataset, "corpus_documents": len(ds.corpus), **counts, "metric": metric,
-               "retrieval": retrieval[dataset], "paired": paired,
+               "retrieval": retrieval[dataset], "paired": paired, "paired_by_origin": by_origin,
                "index_seconds": dict(zip(costs["system"], costs["seconds"]))}
     table = plots.metrics_table(retrieval[dataset], RETRIEVAL_METRICS)
     n = retrieval[dataset][systems[0]]["n_queries"]

@@ -124,13 +124,18 @@ def paired_tests(out_dir: str | Path, sets: dict[str, RetrievalDataset], systems
                  resamples: int = 10_000) -> dict[str, list[dict]]:
     """{dataset: [row]}: each trained retriever of `systems` against every other system, per question on the
     rankings saved under out_dir/runs (`metrics.paired_comparison`: is a gap a difference on this many questions?)."""
-    out = {}
-    for name, ds in sets.items():
-        scores = {s: per_query(saved_ranking(out_dir, name, s), ds.qrels, metric) for s in systems}
-        out[name] = [{"a": a, "b": b, "metric": metric, **paired_comparison(scores[a], scores[b], resamples)}
-                     for i, a in enumerate(systems) if a in ADAPTED
-                     for j, b in enumerate(systems) if b != a and (b not in ADAPTED or j > i)]
-    return out
+    return {name: paired_rows({s: per_query(saved_ranking(out_dir, name, s), ds.qrels, metric) for s in systems},
+                              metric, resamples)
+            for name, ds in sets.items()}
+
+
+def paired_rows(scores: dict[str, dict[str, float]], metric: str, resamples: int = 10_000) -> list[dict]:
+    """Each trained retriever of `scores` ({system: {qid: score}}, in the order given) against every other system,
+    each pair once: [{"a", "b", "metric", **metrics.paired_comparison}]."""
+    systems = list(scores)
+    return [{"a": a, "b": b, "metric": metric, **paired_comparison(scores[a], scores[b], resamples)}
+            for i, a in enumerate(systems) if a in ADAPTED
+            for j, b in enumerate(systems) if b != a and (b not in ADAPTED or j > i)]
 
 
 def paired_table(rows: list[dict]) -> pd.DataFrame:

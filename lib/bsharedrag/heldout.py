@@ -13,8 +13,8 @@ from .artefacts import atomic_write_json
 from .backbone import load_backbone
 from .config import load_config
 from .data import RetrievalDataset, load_dataset, load_sets
-from .evaluation import evaluate_retrieval_systems, paired_table, paired_tests, saved_ranking
-from .metrics import RETRIEVAL_METRICS, check_retrieval_metric, paired_comparison, per_query
+from .evaluation import evaluate_retrieval_systems, paired_rows, paired_table, saved_ranking
+from .metrics import RETRIEVAL_METRICS, check_retrieval_metric, per_query
 from .pipeline import run_backbone
 from .systems import ADAPTED, BASELINES, EncodeSettings, build_indexes
 
@@ -45,7 +45,7 @@ def evaluate_heldout(run_dir: str | Path, dataset: str = "epqa", systems: list[s
                      metric: str = "ndcg@5", resamples: int = 10_000) -> dict:
     """Index the full corpus of `dataset` with each of `systems` (default: the run's 06 systems) as the run built them
     (its backbone, 03's adapters, its encoding settings), rank the held-out questions, score them and test each
-    trained retriever against every other system (`evaluation.paired_tests`), on all of them and on each origin
+    trained retriever against every other system (`evaluation.paired_rows`, as 06 does), on all of them and on each origin
     apart (the run's test split, whose documents the run's corpus held, and the questions outside its subsample).
 
     Writes run_dir/heldout/: indexes/<dataset>/, runs/<dataset>/ (rankings), metrics_<dataset>.json and
@@ -82,15 +82,14 @@ def evaluate_heldout(run_dir: str | Path, dataset: str = "epqa", systems: list[s
     costs = build_indexes(ds, systems, out / "indexes", settings, bb)
     depth = cfg.get("06_evaluate", {}).get("retrieval_depth", 100)
     retrieval = evaluate_retrieval_systems({dataset: ds}, systems, out / "indexes", settings, depth, out, "test", bb)
-    paired = paired_tests(out, {dataset: ds}, systems, metric, resamples)[dataset]
     scores = {s: per_query(saved_ranking(out, dataset, s), ds.qrels, metric) for s in systems}
+    paired = paired_rows(scores, metric, resamples)
     origin = dict(zip(ds.queries["qid"], ds.queries["origin"]))
     by_origin = {}
     for where in ("run_test", "outside_subsample"):
         kept = {s: {q: v for q, v in scores[s].items() if origin[q] == where} for s in systems}
         if len(kept[systems[0]]) >= 2:  # a run on the full data set has no question outside its subsample
-            by_origin[where] = [{"a": r["a"], "b": r["b"], "metric": metric,
-                                 **paired_comparison(kept[r["a"]], kept[r["b"]], resamples)} for r in paired]
+            by_origin[where] = paired_rows(kept, metric, resamples)
     metrics = {"dataset": dataset, "corpus_documents": len(ds.corpus), **counts, "metric": metric,
                "retrieval": retrieval[dataset], "paired": paired, "paired_by_origin": by_origin,
                "index_seconds": dict(zip(costs["system"], costs["seconds"]))}

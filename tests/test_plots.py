@@ -294,6 +294,9 @@ class FakeCache:
         n = len({t for _, t in docs})
         return {"documents": n, "augment_seconds": 1.0 * n, "train_seconds": 2.0 * n, "seconds": 3.0 * n}
 
+    def augmentations(self, docs, lang):
+        return [{"rejected": [{"attempt": 0, "kind": "qa", "reason": "1 of 2 pairs"}]} for _ in {t for _, t in docs}]
+
     def adapter_parameters(self):
         return 50
 
@@ -369,6 +372,9 @@ def test_parametric_rag_rows_are_kept_as_they_finish_and_compared_on_the_same_qu
     assert row["trainable_parameters"] == 100 + 3 * 50 and row["document_lora_parameters"] == 50
     assert row["document_encoding_seconds"] == 9.0 and row["training_seconds"] == 2.0 + 9.0
     assert row["inference_memory_mb"] == pytest.approx(ablations.backbone_mb(bb) + 1.5 + 2 * 3 * 0.25)
+    rejected = json.loads((ab.out_dir / "variants" / "prag" / "seed0" / "ecomeval_augmentation_rejections.json")
+                          .read_text())
+    assert rejected == {"attempt 0 (greedy): qa: 1 of 2 pairs": 3}  # one per distinct document
     for peer in ("bsharedrag@prag", "base_rag@prag"):
         assert frame.loc[peer, "n_generation"] == 3 and frame.loc[peer, "scored_from"] == "its saved answers"
     assert frame.loc["bsharedrag@prag", "trainable_parameters"] == 7  # the costs are the system's own

@@ -21,6 +21,7 @@ from bsharedrag.prag import (
     make_init_state,
     merged_documents,
     parse_qa,
+    rejection_tally,
     train_document_adapter,
     training_texts,
 )
@@ -216,15 +217,26 @@ def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures
     assert calls == [(6, False, 5, 64, None), (1, False, 5, 64, None), (4, True, 6, 64, None), (1, True, 6, 64, None),
                      (3, True, 7, 64, None)]
     assert alpha == {"paraphrases": ["A kettle that heats water."], "lang": "en", "attempts": 1, "failed": [],
+                     "rejected": [],
                      "qa": [{"question": "What does it boil?", "answer": "Water."},
                             {"question": "Which kettle?", "answer": "Alpha."}]}
     assert beta["paraphrases"] == ["A blender for ice."] and beta["attempts"] == 3 and beta["failed"] == []
+    # every rejected output is kept with its attempt, not only the last failure
+    assert [(r["attempt"], r["kind"], r["reason"]) for r in beta["rejected"]] == [
+        (0, "paraphrase", "empty"), (0, "qa", "1 of 2 pairs"), (1, "qa", "empty answer")]
+    assert beta["rejected"][0]["output"] == "   "
     assert beta["qa"] == [{"question": "What does it crush?", "answer": "Ice."},
                           {"question": "Which brand?", "answer": "Beta."}]
     assert gamma["paraphrases"] == [] and gamma["qa"] == [] and gamma["attempts"] == 3
     assert {(f["kind"], f["reason"]) for f in gamma["failed"]} == {
         ("paraphrase", "prompt scaffolding only"), ("qa", "empty")}
-    tally("augmentation outputs rejected", 8)
+    assert [(r["attempt"], r["kind"]) for r in gamma["rejected"]] == [(a, k) for a in range(3) for k in ("paraphrase", "qa")]
+    assert [r for r in gamma["rejected"] if r["attempt"] == 2] == [{"attempt": 2, **f} for f in gamma["failed"]]
+    assert gamma["rejected"][0]["reason"] == "a copy of the document"
+    tallied = rejection_tally([alpha, beta, gamma, {"paraphrases": [], "qa": []}])  # the last: saved before tallies
+    assert sum(tallied.values()) == 9 and tallied["attempt 0 (greedy): paraphrase: empty"] == 1
+    assert tallied["attempt 1 (sampled): qa: empty answer"] == 1
+    tally("augmentation outputs rejected", sum(tallied.values()))
 
     assert parse_qa("什么颜色？\n回答：蓝色。\n问题：多重？\n答案：2公斤\n文档：下一篇", "zh") == (
         [{"question": "什么颜色？", "answer": "蓝色。"}, {"question": "多重？", "answer": "2公斤"}], [])

@@ -106,6 +106,9 @@ def test_chain_ablations_rows_figures_and_tables(tiny_run):
     assert by[("closed_book", "epqa")].get("ndcg@5") is None and 0 <= by[("fully_shared_0.5", "epqa")]["ndcg@5"] <= 1
     assert by[("prag_parametric", "ecomeval")]["documents_encoded"] + by[("prag_parametric", "ecomeval")][
         "documents_reused"] > 0
+    rejected = json.loads((tiny_run / "07_ablations" / "variants" / "prag" / "seed0" /
+                           "ecomeval_augmentation_rejections.json").read_text())  # which checks cost retries
+    assert all(why.startswith("attempt ") and n > 0 for why, n in rejected.items())
     for r in rows:
         assert r["n_generation"] > 0 and r["trainable_parameters"] > 0 and r["seconds_per_question"] > 0, r
     metrics = json.loads((tiny_run / "07_ablations" / "metrics.json").read_text())

@@ -501,7 +501,7 @@ def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_quest
     the retrieval LoRA's training plus document encoding (self-augmentation + LoRA training) in `training_seconds`.
     """
     from .genmetrics import default_bertscorer, generation_metrics
-    from .prag import DocumentAdapterCache, ParametricRAG, PRAGSettings
+    from .prag import DocumentAdapterCache, ParametricRAG, PRAGSettings, rejection_tally
 
     unknown = [n for n in datasets if n not in ab.sets]
     if unknown:
@@ -530,6 +530,9 @@ def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_quest
         used = [d for row in docs for d in row]
         made = cache.ensure(used, ds.lang)
         spent = cache.encoding_cost(used, ds.lang)
+        rejected = rejection_tally(cache.augmentations(used, ds.lang))
+        atomic_write_json(ab.out_dir / "variants" / tag / f"{name}_augmentation_rejections.json", rejected)
+        print(f"{name}: self-augmentation outputs rejected, by attempt and check: {rejected or 'none recorded'}")
         costs = {"trainable_parameters": retrieval.trainable + spent["documents"] * cache.adapter_parameters(),
                  "document_lora_parameters": cache.adapter_parameters(),
                  "training_seconds": retrieval.seconds + spent["seconds"],

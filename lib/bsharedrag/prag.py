@@ -4,6 +4,7 @@ it (paraphrases, question-answer pairs), cached by document hash; the top-k docu
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -247,14 +248,16 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
     (document, question, answer marker). Every stage of an attempt is one batched `generate` over all documents. The
     first attempt decodes greedily; an output that fails validation (empty, only the prompt's scaffolding, a copy of
     the document, a duplicate, a QA completion without a non-empty question, an empty answer) is asked again with
-    seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. What still fails is recorded
-    in "failed" (kind, reason, last output) and the document trains on what it has: the document text is always a
-    training text. Returns per document {"paraphrases", "qa", "attempts", "failed", "lang"}.
+    seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. Every rejected output is kept
+    in "rejected" (attempt, kind, reason, output), so the checks that cost retries can be counted (`rejection_tally`);
+    what still fails after the last attempt is also in "failed" (kind, reason, last output), and the document trains on
+    what it has: the document text is always a training text. Returns per document {"paraphrases", "qa", "attempts",
+    "rejected", "failed", "lang"}.
     """
     _check_lang(lang)
     settings.validate()
     docs = [cut_tokens(backbone.tokenizer, d, settings.doc_max_tokens) for d in documents]
-    out = [{"paraphrases": [], "qa": [], "attempts": 0, "failed": [], "lang": lang} for _ in docs]
+    out = [{"paraphrases": [], "qa": [], "attempts": 0, "rejected": [], "failed": [], "lang": lang} for _ in docs]
     open_slots = [list(range(settings.paraphrases)) for _ in docs]
     last_failure: dict[tuple[int, str, int], dict] = {}
     for attempt in range(settings.max_retries + 1):
@@ -293,12 +296,22 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
             if kind == "qa" and not failure["reason"] and len(out[i]["qa"]) < settings.qa_pairs:
                 failure["reason"] = f"{len(out[i]['qa'])} of {settings.qa_pairs} pairs"
             if failure["reason"]:
+                out[i]["rejected"].append({"attempt": attempt, **failure})
                 last_failure[(i, kind, slot)] = failure
             else:
                 last_failure.pop((i, kind, slot), None)
     for (i, _, _), failure in sorted(last_failure.items()):
         out[i]["failed"].append(failure)
     return out
+
+
+def rejection_tally(augmentations: list[dict]) -> dict[str, int]:
+    """How many outputs each check rejected, by attempt: {"attempt 0 (greedy): qa: 1 of 2 pairs": n, ...}, most
+    frequent first. Augmentations saved before rejections were recorded count as none."""
+    counts = collections.Counter(
+        f"attempt {r['attempt']} ({'greedy' if r['attempt'] == 0 else 'sampled'}): {r['kind']}: {r['reason']}"
+        for a in augmentations for r in a.get("rejected", []))
+    return dict(counts.most_common())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -531,6 +544,13 @@ class DocumentAdapterCache:
         return {"documents": len(texts), "augment_seconds": augment, "train_seconds": train,
                 "seconds": augment + train}
 
+    def augmentations(self, docs: list[tuple[str, str]], lang: str) -> list[dict]:
+        """The saved self-augmentation of each distinct document of `docs` (doc_id, text) that has an adapter."""
+        texts = {self.key(text, lang): text for _, text in docs}
+        saved = [_read_json(self.dir / "adapters" / key / "augmentation.json") for key, text in texts.items()
+                 if self.is_cached(text, lang)]
+        return [a for a in saved if a]
+
     def get_or_train(self, doc_id: str, doc_text: str, lang: str) -> Path:
         """The document's adapter folder, trained first if it is not cached."""
         self.ensure([(doc_id, doc_text)], lang)
@@ -678,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(len(o['qa']) for o in out)} of {len(docs) * settings.qa_pairs}, paraphrases "
               f"{sum(len(o['paraphrases']) for o in out)} of {len(docs) * settings.paraphrases}, failures "
               f"{[(f['kind'], f['reason']) for o in out for f in o['failed']]}, attempts {[o['attempts'] for o in out]}")
+        for why, n in rejection_tally(out).items():
+            print(f"  rejected {n:3d}  {why}")
     return 0
 
 

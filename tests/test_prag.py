@@ -230,7 +230,8 @@ def test_augmentation_validates_outputs_retries_by_sampling_and_records_failures
     assert gamma["paraphrases"] == [] and gamma["qa"] == [] and gamma["attempts"] == 3
     assert {(f["kind"], f["reason"]) for f in gamma["failed"]} == {
         ("paraphrase", "prompt scaffolding only"), ("qa", "empty")}
-    assert [(r["attempt"], r["kind"]) for r in gamma["rejected"]] == [(a, k) for a in range(3) for k in ("paraphrase", "qa")]
+    assert [(r["attempt"], r["kind"]) for r in gamma["rejected"]] == [
+        (a, k) for a in range(3) for k in ("paraphrase", "qa")]
     assert [r for r in gamma["rejected"] if r["attempt"] == 2] == [{"attempt": 2, **f} for f in gamma["failed"]]
     assert gamma["rejected"][0]["reason"] == "a copy of the document"
     tallied = rejection_tally([alpha, beta, gamma, {"paraphrases": [], "qa": []}])  # the last: saved before tallies

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -172,6 +173,31 @@ def test_compare_tests_two_of_06s_saved_rankings_on_the_runs_split(tiny_run, cap
     assert "epqa test ndcg@5 over" in capsys.readouterr().out
     assert cli.main(["compare", str(tiny_run), "bsharedrag", "colbert"]) == 2
     assert "no saved epqa ranking of 'colbert'" in capsys.readouterr().err
+    tally("bad inputs tried")
+
+
+def test_compare_takes_system_b_from_another_run_on_the_same_split_and_refuses_another_split(tiny_run, tmp_path,
+                                                                                              capsys, tally):
+    from bsharedrag import cli
+    from bsharedrag.evaluation import compare_saved_rankings
+
+    other = tmp_path / "other-run"  # another run's 06 on the same split: its rankings, its resolved config
+    shutil.copytree(tiny_run / "06_evaluate" / "runs", other / "06_evaluate" / "runs")
+    shutil.copy(tiny_run / "resolved.yaml", other / "resolved.yaml")
+    within = compare_saved_rankings(tiny_run, "epqa", "bsharedrag", "bsharedrag_random_negatives", resamples=500)
+    across = compare_saved_rankings(tiny_run, "epqa", "bsharedrag", "bsharedrag_random_negatives", resamples=500,
+                                    run_dir_b=other)
+    assert all(across[k] == pytest.approx(within[k]) for k in ("n", "mean_a", "mean_b", "difference", "p_value"))
+    assert across["b"] == "bsharedrag_random_negatives (other-run)"
+    assert cli.main(["compare", str(tiny_run), "bsharedrag", "bsharedrag", "--b-run", str(other),
+                     "--resamples", "500"]) == 0
+    assert "difference +0.000" in capsys.readouterr().out
+    cfg = yaml.safe_load((other / "resolved.yaml").read_text())
+    cfg["common"]["seed"] += 1  # another split of the same data
+    (other / "resolved.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["compare", str(tiny_run), "bsharedrag", "bsharedrag", "--b-run", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "different epqa test questions" in err and "seed: 0 vs 1" in err
     tally("bad inputs tried")
 
 

@@ -1,5 +1,5 @@
 """The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
-RUN_DIR A B` tests whether two retrievers of its 06 differ; `bsharedrag heldout RUN_DIR` scores its retrievers on
+RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag heldout RUN_DIR` scores its retrievers on
 every question it never trained on."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def ask(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from .evaluation import compare_saved_rankings
 
-    r = compare_saved_rankings(args.run_dir, args.dataset, args.a, args.b, args.metric, args.resamples)
+    r = compare_saved_rankings(args.run_dir, args.dataset, args.a, args.b, args.metric, args.resamples, args.b_run)
     p = f"{r['p_value']:.3f}" if r["p_value"] >= 0.001 else "< 0.001"
     print(f"{r['dataset']} test {r['metric']} over {r['n']} questions: {r['a']} {r['mean_a']:.3f} vs {r['b']} "
           f"{r['mean_b']:.3f}; difference {r['difference']:+.3f}, 95% bootstrap interval [{r['ci95_low']:+.3f}, "
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="outputs/<run_id> with 06_evaluate done")
     p.add_argument("a", help="a retrieval system of 06, e.g. bsharedrag")
     p.add_argument("b", help="the system to compare with, e.g. minilm")
+    p.add_argument("--b-run", help="take system b from this other run (outputs/<run_id>, same data settings), e.g. "
+                   "bsharedrag trained at another step budget")
     p.add_argument("--dataset", default="epqa", help="epqa or ecomeval (default: epqa)")
     p.add_argument("--metric", default="ndcg@5", help="a per-question retrieval metric (default: ndcg@5)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")

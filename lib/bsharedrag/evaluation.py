@@ -146,16 +146,29 @@ def paired_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, system_b: str, metric: str = "ndcg@5",
-                           resamples: int = 10_000) -> dict:
-    """`metrics.paired_comparison` of two systems' test rankings that 06 saved in run_dir, on the run's own split."""
+                           resamples: int = 10_000, run_dir_b: str | Path | None = None) -> dict:
+    """`metrics.paired_comparison` of two systems' test rankings that 06 saved, on the run's own split: both from
+    run_dir, or system_b from run_dir_b (e.g. the same variant trained at another setting), which must have split
+    `dataset` into the same test questions with the same judgements."""
     import yaml
 
     from .data import load_sets
 
     run_dir = Path(run_dir)
-    runs = {system: saved_ranking(run_dir / "06_evaluate", dataset, system) for system in (system_a, system_b)}
-    common = yaml.safe_load((run_dir / "resolved.yaml").read_text(encoding="utf-8"))["common"]
-    qrels = load_sets(common, [dataset])[dataset].qrels
-    out = paired_comparison(per_query(runs[system_a], qrels, metric), per_query(runs[system_b], qrels, metric),
+    run_dir_b = Path(run_dir_b) if run_dir_b is not None else run_dir
+    commons = [yaml.safe_load((d / "resolved.yaml").read_text(encoding="utf-8"))["common"] for d in (run_dir, run_dir_b)]
+    qrels = [load_sets(commons[0], [dataset])[dataset].qrels]
+    if run_dir_b != run_dir:
+        qrels.append(load_sets(commons[1], [dataset])[dataset].qrels)
+        if qrels[1] != qrels[0]:
+            differ = [f"{k}: {commons[0].get(k)!r} vs {commons[1].get(k)!r}" for k in sorted({*commons[0], *commons[1]})
+                      if commons[0].get(k) != commons[1].get(k)]
+            raise ValueError(f"{run_dir.name} and {run_dir_b.name} have different {dataset} test questions or "
+                             f"judgements (common settings that differ: {'; '.join(differ) or 'none'}); compare runs "
+                             "made with the same data settings")
+    runs = [saved_ranking(d / "06_evaluate", dataset, s) for d, s in ((run_dir, system_a), (run_dir_b, system_b))]
+    out = paired_comparison(per_query(runs[0], qrels[0], metric), per_query(runs[1], qrels[0], metric),
                             resamples=resamples)
-    return {"dataset": dataset, "metric": metric, "a": system_a, "b": system_b, **out}
+    names = (system_a, system_b) if run_dir_b == run_dir else (f"{system_a} ({run_dir.name})",
+                                                               f"{system_b} ({run_dir_b.name})")
+    return {"dataset": dataset, "metric": metric, "a": names[0], "b": names[1], **out}

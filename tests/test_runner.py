@@ -121,6 +121,25 @@ def test_chain_ablations_rows_figures_and_tables(tiny_run):
     assert "separate_backbones" in (tiny_run / "07_ablations" / "tables" / "ablations.md").read_text()
 
 
+def test_results_prints_07s_table_and_directions_from_a_finished_or_stopped_run(tiny_run, tmp_path, capsys, tally):
+    from bsharedrag import cli
+
+    assert cli.main(["results", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    shared = json.loads((tiny_run / "07_ablations" / "metrics.json").read_text())["ablations"]["bsharedrag"]["epqa"]
+    assert f"{shared['ndcg@5']:.3f}" in out and "separate_backbones" in out and "hard negatives help" in out
+    stopped = tmp_path / "stopped-run" / "07_ablations"  # 07 stopped after its first rows: they are still readable
+    stopped.mkdir(parents=True)
+    lines = (tiny_run / "07_ablations" / "results.jsonl").read_text().splitlines()
+    (stopped / "results.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert cli.main(["results", str(stopped.parent)]) == 0
+    out = capsys.readouterr().out
+    assert "so far: 2 " in out and "separate_backbones" not in out
+    assert cli.main(["results", str(tmp_path)]) == 2
+    assert "run 07_ablations in" in capsys.readouterr().err
+    tally("bad inputs tried")
+
+
 def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
     from bsharedrag.efficiency import compare
 

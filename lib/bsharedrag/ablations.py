@@ -706,6 +706,14 @@ def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def table_columns(results: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The quality metrics and the costs `results` holds, in the order 07's tables show them."""
+    from .plots import COST_COLUMNS
+
+    return ([m for m in (*RETRIEVAL_COLUMNS, *GENERATION_COLUMNS) if m in results],
+            [c for c in COST_COLUMNS if c in results])
+
+
 CLAIMS = (  # the paper's directions: (claim, the side expected to be at least as good, the other side)
     ("shared backbone >= separate retriever (MiniLM)", "bsharedrag", "separate_minilm"),
     ("shared backbone >= separate retriever (BM25)", "bsharedrag", "separate_bm25"),

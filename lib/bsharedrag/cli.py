@@ -1,6 +1,7 @@
 """The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
-RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag heldout RUN_DIR` scores its retrievers on
-every question it never trained on."""
+RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag
+heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR` prints 07's
+table and the paper's directions so far."""
 
 from __future__ import annotations
 
@@ -64,6 +65,23 @@ def heldout(args: argparse.Namespace) -> int:
     return 0
 
 
+def results(args: argparse.Namespace) -> int:
+    from . import plots
+    from .ablations import directions, gather, table_columns
+
+    frame = gather([args.run_dir])
+    metrics, costs = table_columns(frame)
+    summary = plots.summarise(frame, metrics + costs)
+    print(f"07 rows of {Path(args.run_dir).name} so far: {len(frame)} (variant, data set, seed); written as each "
+          "finishes, so this reads a run still in progress or stopped")
+    for name in sorted(frame["dataset"].unique()):
+        print(f"\n{name}\n\n" + plots.results_table(summary, metrics + costs, name).to_markdown())
+    claims = directions(frame)
+    if not claims.empty:
+        print("\nthe paper's directions\n\n" + claims.drop(columns="holds").round(3).to_markdown(index=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bsharedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", nargs="+", help="retrieval systems (default: the run's 06 systems)")
     p.add_argument("--metric", default="ndcg@5", help="the paired tests' per-question metric (default: ndcg@5)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
+    p = sub.add_parser("results", help="07's results table and the paper's directions from a run's results.jsonl, "
+                       "also while 07 is running or after it stopped")
+    p.add_argument("run_dir", help="outputs/<run_id> whose 07_ablations wrote results.jsonl")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return {"ask": ask, "compare": compare, "heldout": heldout}[args.command](args)
+        return {"ask": ask, "compare": compare, "heldout": heldout, "results": results}[args.command](args)
     except (FileNotFoundError, ValueError) as err:
         print(f"bsharedrag {args.command}: {err}", file=sys.stderr)
         return 2

@@ -154,21 +154,22 @@ def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, sys
 
     from .data import load_sets
 
+    def common(run: Path) -> dict:
+        return yaml.safe_load((run / "resolved.yaml").read_text(encoding="utf-8"))["common"]
+
     run_dir = Path(run_dir)
     run_dir_b = Path(run_dir_b) if run_dir_b is not None else run_dir
-    commons = [yaml.safe_load((d / "resolved.yaml").read_text(encoding="utf-8"))["common"] for d in (run_dir, run_dir_b)]
-    qrels = [load_sets(commons[0], [dataset])[dataset].qrels]
+    a = common(run_dir)
+    qrels = load_sets(a, [dataset])[dataset].qrels
+    names = (system_a, system_b)
     if run_dir_b != run_dir:
-        qrels.append(load_sets(commons[1], [dataset])[dataset].qrels)
-        if qrels[1] != qrels[0]:
-            differ = [f"{k}: {commons[0].get(k)!r} vs {commons[1].get(k)!r}" for k in sorted({*commons[0], *commons[1]})
-                      if commons[0].get(k) != commons[1].get(k)]
+        b = common(run_dir_b)
+        if load_sets(b, [dataset])[dataset].qrels != qrels:
+            differ = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
             raise ValueError(f"{run_dir.name} and {run_dir_b.name} have different {dataset} test questions or "
                              f"judgements (common settings that differ: {'; '.join(differ) or 'none'}); compare runs "
                              "made with the same data settings")
+        names = (f"{system_a} ({run_dir.name})", f"{system_b} ({run_dir_b.name})")
     runs = [saved_ranking(d / "06_evaluate", dataset, s) for d, s in ((run_dir, system_a), (run_dir_b, system_b))]
-    out = paired_comparison(per_query(runs[0], qrels[0], metric), per_query(runs[1], qrels[0], metric),
-                            resamples=resamples)
-    names = (system_a, system_b) if run_dir_b == run_dir else (f"{system_a} ({run_dir.name})",
-                                                               f"{system_b} ({run_dir_b.name})")
+    out = paired_comparison(per_query(runs[0], qrels, metric), per_query(runs[1], qrels, metric), resamples=resamples)
     return {"dataset": dataset, "metric": metric, "a": names[0], "b": names[1], **out}

@@ -343,3 +343,23 @@ def test_encoding_cost_counts_every_used_adapter_whenever_it_was_trained(bare, t
     assert trained.encoding_cost(DOCS, "en") == cost
     with pytest.raises(ValueError, match="train it first"):
         trained.encoding_cost([("d9", "A document nobody encoded.")], "en")
+
+
+def test_repetition_loops_are_cut_after_their_first_occurrence_and_a_text_opening_with_one_is_rejected():
+    # what Gemma 270M writes greedily about EcomEval documents (run 20261203-100809-99f7f48-prag's cache)
+    looped = "它在调节亮度时会发出声音，声音很明显，声音很明显，声音很明显，声音很明显，声音很"
+    assert prag.cut_loop(looped) == "它在调节亮度时会发出声音，声音很明显"
+    assert prag.cut_loop("A kettle. It boils water.") == "A kettle. It boils water."
+    assert prag.cut_loop("Version 2016.04.01.01.01.01.01.01") == "Version 2016.04.01.01"
+    assert prag.clean_paraphrase("1. 1. 1. 1. 1. 1. 1. 1. 1. 1.", "Doc.", [], "en") == ("", "a repetition loop")
+    assert prag.clean_paraphrase(f"{looped}\n文档：下一篇", "文档", [], "zh") == (prag.cut_loop(looped), "")
+    # the prompt's words may be copied: only the written text is checked, and copying once is no loop
+    assert prag.clean_paraphrase("Alpha kettle: boils water fast.", "Alpha kettle boils water.", [], "en")[1] == ""
+    good, questions, reason = prag.valid_qa(
+        "我正在骑行，我正在骑行，我正在骑行，我正在骑行\n回答：好。\n问题：有几种颜色？\n回答：三种颜色，三种颜色，三种颜色，三种颜色", [], "zh")
+    assert (good, questions, reason) == ([], ["有几种颜色？"], "")  # a looping question dropped, a looping answer asked again
+    assert prag.valid_qa("哪个好，哪个好，哪个好，哪个好\n回答：都好。", [], "zh") == ([], [], "a repetition loop")
+    assert prag.valid_qa(f"{looped}？\n回答：是的。", [], "zh")[0] == [{"question": prag.cut_loop(looped), "answer": "是的。"}]
+    assert prag.clean_answer("ipad没有，所以问题是，ipad没有，所以问题是，ipad没有，所以问题是，", "zh") == ("", "a repetition loop")
+    assert prag.clean_answer("有蓝牙5.2，有蓝牙5.2，有蓝牙5.2，有蓝牙5.2", "zh") == ("", "a repetition loop")
+    assert prag.clean_answer("支持，支持蓝牙5.2，支持蓝牙5.2，支持蓝牙5.2", "zh") == ("支持，支持蓝牙5.2", "")

@@ -40,7 +40,8 @@ AUGMENTATION_SETTINGS = ("paraphrases", "qa_pairs", "augment_max_new_tokens", "m
                          "augment_seed")  # what changes the texts the backbone writes about a document
 # Bumped when the augmentation procedure changes, so that texts written by an earlier one are not reused.
 # 2: questions the QA completion leaves unanswered are answered by a second prompt.
-AUGMENTATION_VERSION = 2
+# 3: a written text is cut after the first occurrence of a repetition loop; one that opens with a loop is rejected.
+AUGMENTATION_VERSION = 3
 
 DOC_LABEL = {"en": "Document:", "zh": "文档："}
 PARAPHRASE_ASKS = {
@@ -59,6 +60,9 @@ ANSWER_INLINE = {"en": re.compile(r"\s(?:answer)\s*:\s*", re.IGNORECASE),
                  "zh": re.compile(r"\s*(?:回答|答案)\s*[:：]\s*")}
 LIST_MARK = re.compile(r"^\s*(?:[(（]?\d{1,2}[.、)）:：]|[-*•·])\s*")  # "1、", "2.", "(3)", "- " before a listed question
 QUESTION_END = re.compile(r"[?？]\s*$")
+# A span of 4+ characters written 3+ times in a row: greedy decoding of a small backbone often falls into one and stays
+# there until the token cap ("声音很明显，声音很明显，…", "1. 1. 1. …"); a LoRA trained on it learns to repeat.
+LOOP = re.compile(r"(\S.{3,}?)\1{2,}", re.DOTALL)
 QA_TEXT = {"en": "{document}\nQuestion: {question}\nAnswer: {answer}",
            "zh": "{document}\n问题：{question}\n回答：{answer}"}
 
@@ -150,8 +154,20 @@ def _scaffolding(line: str, lang: str) -> bool:
     return line.startswith(DOC_LABEL[lang].strip()) or _norm(line) in asks
 
 
+def cut_loop(text: str) -> str:
+    """`text` up to the end of the first occurrence of its first repetition loop (all of it when it has none); only the
+    written text is checked, so copying the prompt's own words stays allowed (unlike `no_repeat_ngram_size`)."""
+    loop = LOOP.search(text)
+    return text if loop is None else text[:loop.start() + len(loop.group(1))].rstrip()
+
+
+def _opens_with_loop(text: str) -> bool:
+    return (loop := LOOP.search(text)) is not None and not text[:loop.start()].strip()
+
+
 def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) -> tuple[str, str]:
-    """(paraphrase, "") from a raw output, cut where the prompt scaffolding starts again, or ("", why it is invalid)."""
+    """(paraphrase, "") from a raw output, cut where the prompt scaffolding starts again and after the first occurrence
+    of a repetition loop, or ("", why it is invalid)."""
     if not output.strip():
         return "", "empty"
     kept = []
@@ -162,6 +178,9 @@ def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) 
     text = "\n".join(kept).strip()
     if not text:
         return "", "prompt scaffolding only"
+    if _opens_with_loop(text):
+        return "", "a repetition loop"
+    text = cut_loop(text)
     if _norm(text) == _norm(document):
         return "", "a copy of the document"
     if _norm(text) in {_norm(e) for e in earlier}:
@@ -201,25 +220,31 @@ def parse_qa(output: str, lang: str) -> tuple[list[dict], list[str]]:
 
 
 def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], list[str], str]:
-    """The new, valid pairs in a raw output, the new questions it left unanswered, and, where there is neither, why."""
+    """The new, valid pairs in a raw output, the new questions it left unanswered, and, where there is neither, why.
+    A question or answer is cut after the first occurrence of a repetition loop; a question that opens with a loop is
+    dropped, an answer that opens with one leaves its question to be answered by a second prompt."""
     if not output.strip():
         return [], [], "empty"
     pairs, unanswered = parse_qa(output, lang)
     if not pairs and not unanswered:
         return [], [], "unparsable: no question"
     seen = {_norm(p["question"]) for p in earlier}
-    good, open_questions = [], []
+    good, open_questions, looped = [], [], False
     for pair in pairs + [{"question": q, "answer": None} for q in unanswered]:
         q, a = pair["question"], pair["answer"]
+        if q and _opens_with_loop(q):
+            looped = True
+            continue
+        q = cut_loop(q)
         if not q or _scaffolding(q, lang) or _norm(q) in seen:
             continue
-        if a and not _scaffolding(a, lang):
-            good.append({"question": q, "answer": a})
+        if a and not _scaffolding(a, lang) and not _opens_with_loop(a):
+            good.append({"question": q, "answer": cut_loop(a)})
         else:
-            open_questions.append(q)  # asked, but not answered (or answered with scaffolding): ask for the answer
+            open_questions.append(q)  # asked, but not answered (or answered with scaffolding or a loop): ask again
         seen.add(_norm(q))
     if not good and not open_questions:
-        return [], [], "no new non-empty question"
+        return [], [], "a repetition loop" if looped else "no new non-empty question"
     return good, open_questions, ""
 
 
@@ -229,7 +254,8 @@ def answer_prompt(document: str, question: str, lang: str) -> str:
 
 
 def clean_answer(output: str, lang: str) -> tuple[str, str]:
-    """(answer, "") from a completion of `answer_prompt`: its first line; or ("", why it is invalid)."""
+    """(answer, "") from a completion of `answer_prompt`: its first line, cut after the first occurrence of a
+    repetition loop; or ("", why it is invalid)."""
     line = next((ln.strip() for ln in output.splitlines() if ln.strip()), "")
     if not line:
         return "", "empty answer"
@@ -237,7 +263,9 @@ def clean_answer(output: str, lang: str) -> tuple[str, str]:
         return "", "answer is prompt scaffolding"
     if (match := ANSWER_LINE[lang].match(line)):
         line = match.group(1).strip()
-    return (line, "") if line else ("", "empty answer")
+    if _opens_with_loop(line):
+        return "", "a repetition loop"
+    return (cut_loop(line), "") if line else ("", "empty answer")
 
 
 def augment_documents(backbone: Backbone, documents: list[str], lang: str, settings: PRAGSettings) -> list[dict]:
@@ -247,9 +275,10 @@ def augment_documents(backbone: Backbone, documents: list[str], lang: str, setti
     prompt whose completion may hold several pairs; the questions it asks without an answer get an answer prompt each
     (document, question, answer marker). Every stage of an attempt is one batched `generate` over all documents. The
     first attempt decodes greedily; an output that fails validation (empty, only the prompt's scaffolding, a copy of
-    the document, a duplicate, a QA completion without a non-empty question, an empty answer) is asked again with
-    seeded sampling (seed = settings.augment_seed + attempt), at most `max_retries` times. Every rejected output is kept
-    in "rejected" (attempt, kind, reason, output), so the checks that cost retries can be counted (`rejection_tally`);
+    the document, a duplicate, a QA completion without a non-empty question, an empty answer, a text opening with a
+    repetition loop) is asked again with seeded sampling (seed = settings.augment_seed + attempt), at most
+    `max_retries` times; a loop later in a text is cut after its first occurrence. Every rejected output is kept in
+    "rejected" (attempt, kind, reason, output), so the checks that cost retries can be counted (`rejection_tally`);
     what still fails after the last attempt is also in "failed" (kind, reason, last output), and the document trains on
     what it has: the document text is always a training text. Returns per document {"paraphrases", "qa", "attempts",
     "rejected", "failed", "lang"}.
@@ -698,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(len(o['qa']) for o in out)} of {len(docs) * settings.qa_pairs}, paraphrases "
               f"{sum(len(o['paraphrases']) for o in out)} of {len(docs) * settings.paraphrases}, failures "
               f"{[(f['kind'], f['reason']) for o in out for f in o['failed']]}, attempts {[o['attempts'] for o in out]}")
+        texts = [t for o in out for t in (*o["paraphrases"], *(x for qa in o["qa"] for x in qa.values()))]
+        print(f"  texts holding a repetition loop: {sum(bool(LOOP.search(t)) for t in texts)} of {len(texts)}")
         for why, n in rejection_tally(out).items():
             print(f"  rejected {n:3d}  {why}")
     return 0

@@ -155,14 +155,13 @@ def _scaffolding(line: str, lang: str) -> bool:
 
 
 def cut_loop(text: str) -> str:
-    """`text` up to the end of the first occurrence of its first repetition loop (all of it when it has none); only the
-    written text is checked, so copying the prompt's own words stays allowed (unlike `no_repeat_ngram_size`)."""
+    """`text` up to the end of the first occurrence of its first repetition loop (all of it when it has none), or ""
+    when it opens with the loop; only the written text is checked, so copying the prompt's own words stays allowed
+    (unlike `no_repeat_ngram_size`)."""
     loop = LOOP.search(text)
-    return text if loop is None else text[:loop.start() + len(loop.group(1))].rstrip()
-
-
-def _opens_with_loop(text: str) -> bool:
-    return (loop := LOOP.search(text)) is not None and not text[:loop.start()].strip()
+    if loop is None:
+        return text
+    return text[:loop.start() + len(loop.group(1))].rstrip() if text[:loop.start()].strip() else ""
 
 
 def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) -> tuple[str, str]:
@@ -178,9 +177,8 @@ def clean_paraphrase(output: str, document: str, earlier: list[str], lang: str) 
     text = "\n".join(kept).strip()
     if not text:
         return "", "prompt scaffolding only"
-    if _opens_with_loop(text):
+    if not (text := cut_loop(text)):
         return "", "a repetition loop"
-    text = cut_loop(text)
     if _norm(text) == _norm(document):
         return "", "a copy of the document"
     if _norm(text) in {_norm(e) for e in earlier}:
@@ -231,15 +229,14 @@ def valid_qa(output: str, earlier: list[dict], lang: str) -> tuple[list[dict], l
     seen = {_norm(p["question"]) for p in earlier}
     good, open_questions, looped = [], [], False
     for pair in pairs + [{"question": q, "answer": None} for q in unanswered]:
-        q, a = pair["question"], pair["answer"]
-        if q and _opens_with_loop(q):
+        q, a = cut_loop(pair["question"]), pair["answer"] and cut_loop(pair["answer"])
+        if pair["question"] and not q:
             looped = True
             continue
-        q = cut_loop(q)
         if not q or _scaffolding(q, lang) or _norm(q) in seen:
             continue
-        if a and not _scaffolding(a, lang) and not _opens_with_loop(a):
-            good.append({"question": q, "answer": cut_loop(a)})
+        if a and not _scaffolding(a, lang):
+            good.append({"question": q, "answer": a})
         else:
             open_questions.append(q)  # asked, but not answered (or answered with scaffolding or a loop): ask again
         seen.add(_norm(q))
@@ -263,9 +260,9 @@ def clean_answer(output: str, lang: str) -> tuple[str, str]:
         return "", "answer is prompt scaffolding"
     if (match := ANSWER_LINE[lang].match(line)):
         line = match.group(1).strip()
-    if _opens_with_loop(line):
-        return "", "a repetition loop"
-    return (cut_loop(line), "") if line else ("", "empty answer")
+    if not line:
+        return "", "empty answer"
+    return (line, "") if (line := cut_loop(line)) else ("", "a repetition loop")
 
 
 def augment_documents(backbone: Backbone, documents: list[str], lang: str, settings: PRAGSettings) -> list[dict]:

@@ -58,6 +58,23 @@ def _cpu_key() -> str:
     return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def machine_facts() -> dict[str, str]:
+    """What tells two runs' machines apart: the CPU, its matmul instruction sets, and the boot (the same boot id is the
+    same machine since it started; a seed reproduces exactly only on the same machine and backbone)."""
+    facts = {"cpu": _cpu_key().split(" | ")[0]}
+    with contextlib.suppress(OSError):
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+        present = [f for f in MATMUL_FLAGS if f in flags]
+        facts["cpu matmul flags"] = " ".join(present) if present else "none of " + " ".join(MATMUL_FLAGS)
+    with contextlib.suppress(OSError):
+        facts["boot id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return facts
+
+
 DECISIONS = "compute_dtype.json"  # in paths.cache_dir(): one measured decision per processor, torch and threads
 
 

@@ -45,3 +45,34 @@ def test_a_truncated_or_missing_weights_file_names_the_file_and_the_step_that_re
                                          r"\(python -m bsharedrag.run CONFIG --only 03 --resume RUN_ID\)"):
         attach_retrieval_adapter(bb, saved)
     assert not isinstance(bb.model, PeftModel)  # refused before the backbone was touched
+
+
+def test_an_attached_adapter_serves_in_the_backbones_dtype_with_bit_identical_embeddings(tiny_backbone, tmp_path):
+    import numpy as np
+    import torch
+
+    from bsharedrag.backbone import embed, load_backbone
+
+    folder = tmp_path / "backbone"
+    tiny_backbone.model.save_pretrained(folder)
+    tiny_backbone.tokenizer.save_pretrained(folder)
+    trained = load_backbone(str(folder), compute_dtype="float32")
+    settings = RetrieverSettings(lora_r=4, lora_layers=0)
+    add_retrieval_adapter(trained, settings)
+    torch.manual_seed(0)
+    for name, p in trained.model.named_parameters():
+        if "lora_B" in name:  # a fresh LoRA's B is zero: give it something to add
+            p.data.normal_(std=0.05)
+    saved = save_retrieval_adapter(trained, settings, tmp_path / "adapter")
+
+    served = load_backbone(str(folder), compute_dtype="bfloat16")
+    attach_retrieval_adapter(served, saved)
+    assert {p.dtype for n, p in served.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    peft_default = load_backbone(str(folder), compute_dtype="bfloat16")
+    peft_default.model = PeftModel.from_pretrained(peft_default.model, str(saved), adapter_name="retrieval")
+    assert {p.dtype for n, p in peft_default.model.named_parameters() if "lora_" in n} == {torch.float32}
+    texts = ["is it waterproof?", "does the charger fit a 2019 model with the larger port?"]
+    ours, theirs = embed(served, texts, ("mean",))["mean"], embed(peft_default, texts, ("mean",))["mean"]
+    assert np.array_equal(ours, theirs)  # autocast runs the LoRA matmuls in bf16 either way
+    untrained = embed(load_backbone(str(folder), compute_dtype="bfloat16"), texts, ("mean",))["mean"]
+    assert not np.allclose(ours, untrained, atol=1e-3)  # the adapter does act

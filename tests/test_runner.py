@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def tiny_run(tmp_path_factory):
 def test_chain_writes_metrics_in_the_agreed_shape(tiny_run):
     assert (tiny_run / "resolved.yaml").is_file() and "torch" in (tiny_run / "env.txt").read_text()
     assert "cpu matmul flags: " in (tiny_run / "env.txt").read_text()
+    assert re.search(r"matmul at start: bfloat16 [\d.]+, float32 [\d.]+ TFLOP/s", (tiny_run / "env.txt").read_text())
     assert tiny_run.name.endswith("-tiny") and (tiny_run / "06_evaluate.ipynb").is_file()
     metrics = json.loads((tiny_run / "06_evaluate" / "metrics.json").read_text())
     assert set(metrics["retrieval"]) == {"epqa", "ecomeval"}

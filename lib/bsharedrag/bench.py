@@ -98,6 +98,13 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
     figures["ours_share_of_bf16_limit"] = figures["ours_tflops"] / figures["bf16_tflops"]
     compute_name = "bf16" if bb.dtype == torch.bfloat16 else "fp32"
     figures["ours_share_of_compute_limit"] = figures["ours_tflops"] / figures[f"{compute_name}_tflops"]
+    # The same texts through the body with the adapter disabled: what the unmerged LoRA (kept so that one backbone
+    # serves every adapter) costs on top of the backbone.
+    with bb.model.disable_adapter():
+        start = time.perf_counter()
+        embed(bb, texts, (pooling,), max_length=max_length, batch_size=batch_size, desc="bench, adapter disabled")
+        figures["body_alone_seconds"] = time.perf_counter() - start
+    figures["adapter_share_of_time"] = 1 - figures["body_alone_seconds"] / seconds
 
     # sentence-transformers runs the same model and adapter with its weights in fp32 (its default) and, where it is
     # the compute dtype, in bf16 (elsewhere bf16 would only time the hardware's slow path).
@@ -170,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * figures['ours_share_of_fp32_limit']:.0f}% of the fp32 limit, "
           f"{100 * figures['ours_share_of_bf16_limit']:.0f}% of the bf16 limit "
           f"({100 * figures['ours_share_of_compute_limit']:.0f}% of the compute dtype's)")
+    print(f"the same texts with the adapter disabled: {figures['tokens'] / figures['body_alone_seconds']:.0f} tokens/s; the unmerged "
+          f"adapter is {100 * figures['adapter_share_of_time']:.0f}% of the encoding time")
     for name in [n for n in ("fp32", "bf16") if f"st_{n}_tokens_per_s" in figures]:
         print(f"sentence-transformers, same model + adapter, {name} weights: {figures[f'st_{name}_tokens_per_s']:.0f} "
               f"tokens/s; ours / theirs = {figures[f'ours_over_st_{name}_speed']:.2f}x")

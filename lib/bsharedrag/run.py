@@ -98,12 +98,13 @@ def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
 
 
 def write_env(run_dir: Path) -> None:
-    from .devices import machine_facts  # torch only when a run starts, not for --dry-run's imports
+    from .devices import machine_facts, matmul_now  # torch only when a run starts, not for --dry-run's imports
 
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
     lines = [f"{k}: {v}" for k, v in versions().items()]
     lines += [f"platform: {platform.platform()}", f"processor: {platform.processor()}", f"cpus: {os.cpu_count()}"]
-    lines += [f"{k}: {v}" for k, v in machine_facts().items()] + ["", "# pip freeze", freeze]
+    lines += [f"{k}: {v}" for k, v in machine_facts().items()] + [f"matmul at start: {matmul_now()}"]
+    lines += ["", "# pip freeze", freeze]
     atomic_write_text(run_dir / "env.txt", "\n".join(lines))
 
 

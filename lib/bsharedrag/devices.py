@@ -77,12 +77,13 @@ def machine_facts() -> dict[str, str]:
 
 def matmul_now(device: torch.device | None = None, seconds: float = 0.5) -> str:
     """This machine's matmul throughput at this moment, for a run's env.txt: on a shared host it moves (the same boot
-    read bf16 0.39 and 1.53 TFLOP/s hours apart), and a run's timings only compare against what it could do then."""
+    read bf16 0.39 and 1.53 TFLOP/s hours apart), and a run's timings only compare against what it could do then.
+    512-square: a CPU without bf16 units takes ~0.3 s for one such bf16 matmul, seconds for a 1024-square one."""
     device = device or pick_device()
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16, torch.float32]
-    figures = ", ".join(f"{str(d).removeprefix('torch.')} {measure_matmul_tflops(d, device, seconds=seconds):.3f}"
+    figures = ", ".join(f"{str(d).removeprefix('torch.')} {measure_matmul_tflops(d, device, 512, seconds):.3f}"
                         for d in dtypes)
-    return f"{figures} TFLOP/s on {device} (1024x1024, {torch.get_num_threads()} threads)"
+    return f"{figures} TFLOP/s on {device} (512x512, {torch.get_num_threads()} threads)"
 
 
 DECISIONS = "compute_dtype.json"  # in paths.cache_dir(): one measured decision per processor, torch and threads

@@ -42,3 +42,19 @@ def test_notebook_defaults_equal_base_config():
 def test_data_files_are_not_committed():
     tracked = subprocess.run(["git", "ls-files"], cwd=paths.REPO_ROOT, capture_output=True, text=True).stdout.split()
     assert not [t for t in tracked if t.startswith("data/raw/") or t.endswith((".csv", ".safetensors", ".gguf"))]
+
+
+def test_versions_mark_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
+    from bsharedrag import steps
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["add", "a.py"], check=True)
+    subprocess.run(git + ["commit", "-qm", "a"], check=True)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)
+    sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert steps.versions()["git"] == sha
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert steps.versions()["git"] == f"{sha}-dirty"

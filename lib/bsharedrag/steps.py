@@ -23,6 +23,16 @@ def git_sha(short: bool = True) -> str:
         return "nogit"
 
 
+def _dirty() -> str:
+    """The mark "-dirty" when tracked files differ from HEAD: figures made then came from code no commit holds."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.REPO_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        return "-dirty" if out.returncode == 0 and out.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def new_run_id(name: str) -> str:
     """Timestamp to the second + short git SHA + config name."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{git_sha()}-{name}"
@@ -50,7 +60,7 @@ def versions() -> dict[str, str]:
     """Versions of the packages whose behaviour the numbers depend on."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "machine": platform.machine(), "git": git_sha()}
+    out = {"python": platform.python_version(), "machine": platform.machine(), "git": git_sha() + _dirty()}
     for pkg in ("bsharedrag", "torch", "transformers", "peft", "trl", "accelerate", "faiss-cpu", "faiss-gpu",
                 "sentence-transformers", "bm25s", "papermill"):
         try:

@@ -208,6 +208,26 @@ def test_directions_call_a_margin_within_the_seed_spread_a_tie():
     assert (claims["replicates"] == 3).all()
 
 
+def test_directions_set_a_row_trained_at_one_seed_against_ours_at_that_seed():
+    # bsharedrag at seeds 0-2 (a headline row), wo_cpt at seed 0 only: the claim is decided at seed 0, where
+    # wo_cpt was measured, not against bsharedrag's mean over seeds wo_cpt never ran (0.70 > 0.65 > 0.60).
+    results = results_frame({
+        "bsharedrag": [{"ndcg@5": n, "bleu3": 0.3, "rougeL": 0.4} for n in (0.73, 0.62, 0.60)],
+        "wo_cpt": [{"ndcg@5": 0.69, "bleu3": 0.2, "rougeL": 0.4}],
+        "fully_shared_0.5": [{"ndcg@5": n, "bleu3": 0.2, "rougeL": 0.4} for n in (0.68, 0.67, 0.64)],
+    })
+    claims = ablations.directions(results).set_index(["claim", "metric"])
+    cpt = claims.loc[("continual pre-training helps", "ndcg@5")]
+    assert cpt["ours_mean"] == pytest.approx(0.73) and cpt["replicates"] == 1 and cpt["verdict"] == "holds"
+    shared = claims.loc[("shared backbone >= fully shared (best lambda)", "ndcg@5")]
+    assert shared["replicates"] == 3 and shared["ours_mean"] == pytest.approx(0.65)  # all three seeds, paired
+    # gathered runs each have their own seed 0: (run, seed) is the replicate, so two runs' seed 0 do not pair up
+    other_run = results_frame({"bsharedrag": [{"ndcg@5": 0.5, "bleu3": 0.3, "rougeL": 0.4}]}).assign(run="b")
+    gathered = pd.concat([results.assign(run="a"), other_run], ignore_index=True)
+    cpt = ablations.directions(gathered).set_index(["claim", "metric"]).loc[("continual pre-training helps", "ndcg@5")]
+    assert cpt["ours_mean"] == pytest.approx(0.73) and cpt["replicates"] == 1
+
+
 def fake_ablation(tmp_path: Path, sets: dict, cpt: bool = True, factory: str = "Flat") -> Ablation:
     common = {"seed": 0, "backbone": "tiny-random-gemma3", "use_pretrained_backbone": cpt, "compute_dtype": "float32",
               "query_prefix": "", "passage_prefix": "", "max_length": 64, "batch_size": 4,

@@ -734,26 +734,51 @@ DIRECTION_COLUMNS = ("claim", "dataset", "metric", "ours", "other", "ours_mean",
                      "replicates", "verdict", "holds")
 
 
-def _side(stats: pd.DataFrame, variant: str, dataset: str, metric: str) -> dict | None:
-    if (variant, dataset) not in stats.index:
+def _replicates(results: pd.DataFrame) -> pd.Series:
+    """What tells one replicate of a row from another: (run, seed) where runs are gathered, else the seed."""
+    keys = [c for c in ("run", "seed") if c in results.columns]
+    if not keys:
+        return pd.Series(["0"] * len(results), index=results.index)
+    return results[keys].astype(str).agg("/".join, axis=1)
+
+
+def _side(values: pd.Series, variant: str) -> dict | None:
+    if values.empty:
         return None
-    mean, std, n = (stats.loc[(variant, dataset), (metric, k)] for k in ("mean", "std", "count"))
-    if pd.isna(mean):
-        return None
-    return {"variant": variant, "mean": float(mean), "std": 0.0 if pd.isna(std) else float(std), "n": int(n)}
+    std = values.std()
+    return {"variant": variant, "mean": float(values.mean()), "std": 0.0 if pd.isna(std) else float(std),
+            "n": int(values.shape[0])}
+
+
+def _matched(results: pd.DataFrame, ours: str, other: str, dataset: str, metric: str) -> tuple[dict | None, dict | None]:
+    """Both sides' mean, std and count over the replicates they share (a paired comparison); over all of each
+    side's replicates where they share none. A row trained at seed 0 only is thus set against our seed 0, not
+    against our mean over seeds it never ran."""
+    def values(variant: str) -> pd.Series:
+        rows = results[(results["variant"] == variant) & (results["dataset"] == dataset)]
+        if rows.empty:
+            return pd.Series(dtype=float)
+        return rows.assign(_key=_replicates(rows)).groupby("_key")[metric].mean().dropna()
+
+    mine, theirs = values(ours), values(other)
+    common = mine.index.intersection(theirs.index)
+    if len(common):
+        mine, theirs = mine[common], theirs[common]
+    return _side(mine, ours), _side(theirs, other)
 
 
 def directions(results: pd.DataFrame, metrics: tuple[str, ...] = ("ndcg@5", "bleu3", "rougeL")) -> pd.DataFrame:
     """Per claim, data set and metric: our side's mean over replicates against the other's (Fully Shared: its best
     lambda), with a verdict.
 
-    `margin` is ours minus theirs; a margin within `spread` (the larger sample std over replicates of the two sides;
-    0 with one replicate each) is a `tie`, not a direction held. Retrieval metrics are compared only where both sides
-    rank with a retriever of their own (base_rag and Parametric RAG reuse bsharedrag's: their margin would be 0).
+    The two sides are compared on the replicates ((run, seed), or seed) they share, so a row trained at one seed
+    meets ours at that seed. `margin` is ours minus theirs; a margin within `spread` (the larger sample std over
+    replicates of the two sides; 0 with one replicate each) is a `tie`, not a direction held. Retrieval metrics are
+    compared only where both sides rank with a retriever of their own (base_rag and Parametric RAG reuse
+    bsharedrag's: their margin would be 0).
     """
     metrics = [m for m in metrics if m in results.columns]
-    stats = results.groupby(["variant", "dataset"])[metrics].agg(["mean", "std", "count"])
-    variants = list(stats.index.get_level_values(0).unique())
+    variants = list(results["variant"].unique())
     out = []
     for claim, ours, other in CLAIMS:
         candidates = [v for v in variants if v.startswith("fully_shared_")] if other == "fully_shared" else [other]
@@ -761,11 +786,11 @@ def directions(results: pd.DataFrame, metrics: tuple[str, ...] = ("ndcg@5", "ble
             for metric in metrics:
                 if metric in RETRIEVAL_COLUMNS and not (has_own_retriever(ours) and has_own_retriever(other)):
                     continue
-                mine = _side(stats, ours, dataset, metric)
-                theirs = [s for s in (_side(stats, v, dataset, metric) for v in candidates) if s]
-                if mine is None or not theirs:
+                pairs = [_matched(results, ours, v, dataset, metric) for v in candidates]
+                pairs = [(mine, theirs) for mine, theirs in pairs if mine is not None and theirs is not None]
+                if not pairs:
                     continue
-                best = max(theirs, key=lambda s: s["mean"])
+                mine, best = max(pairs, key=lambda pair: pair[1]["mean"])
                 margin, spread = mine["mean"] - best["mean"], max(mine["std"], best["std"])
                 verdict = "tie" if abs(margin) <= spread + 1e-12 else "holds" if margin > 0 else "fails"
                 out.append({"claim": claim, "dataset": dataset, "metric": metric, "ours": ours,

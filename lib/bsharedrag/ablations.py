@@ -735,10 +735,11 @@ DIRECTION_COLUMNS = ("claim", "dataset", "metric", "ours", "other", "ours_mean",
 
 
 def _replicates(results: pd.DataFrame) -> pd.Series:
-    """What tells one replicate of a row from another: (run, seed) where runs are gathered, else the seed."""
+    """What tells one replicate of a row from another: (run, seed) where runs are gathered, else the seed; without
+    either, every row is its own replicate and nothing pairs."""
     keys = [c for c in ("run", "seed") if c in results.columns]
     if not keys:
-        return pd.Series(["0"] * len(results), index=results.index)
+        return pd.Series(results.index.astype(str), index=results.index)
     return results[keys].astype(str).agg("/".join, axis=1)
 
 

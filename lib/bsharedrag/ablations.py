@@ -738,7 +738,7 @@ def _replicates(results: pd.DataFrame) -> pd.Series:
     """What tells one replicate of a row from another: (run, seed) where runs are gathered, else the seed; without
     either, every row is its own replicate and nothing pairs."""
     keys = [c for c in ("run", "seed") if c in results.columns]
-    if not keys:
+    if not keys or results.empty:  # (agg over no rows gives a frame, not a series)
         return pd.Series(results.index.astype(str), index=results.index)
     return results[keys].astype(str).agg("/".join, axis=1)
 
@@ -751,15 +751,13 @@ def _side(values: pd.Series, variant: str) -> dict | None:
             "n": int(values.shape[0])}
 
 
-def _matched(results: pd.DataFrame, ours: str, other: str, dataset: str, metric: str) -> tuple[dict | None, dict | None]:
+def _matched(keyed: pd.DataFrame, ours: str, other: str, dataset: str, metric: str) -> tuple[dict | None, dict | None]:
     """Both sides' mean, std and count over the replicates they share (a paired comparison); over all of each
     side's replicates where they share none. A row trained at seed 0 only is thus set against our seed 0, not
-    against our mean over seeds it never ran."""
+    against our mean over seeds it never ran. `keyed` holds a `_replicate` column (see _replicates)."""
     def values(variant: str) -> pd.Series:
-        rows = results[(results["variant"] == variant) & (results["dataset"] == dataset)]
-        if rows.empty:
-            return pd.Series(dtype=float)
-        return rows.assign(_key=_replicates(rows)).groupby("_key")[metric].mean().dropna()
+        rows = keyed[(keyed["variant"] == variant) & (keyed["dataset"] == dataset)]
+        return rows.groupby("_replicate")[metric].mean().dropna()
 
     mine, theirs = values(ours), values(other)
     common = mine.index.intersection(theirs.index)
@@ -780,6 +778,7 @@ def directions(results: pd.DataFrame, metrics: tuple[str, ...] = ("ndcg@5", "ble
     """
     metrics = [m for m in metrics if m in results.columns]
     variants = list(results["variant"].unique())
+    keyed = results.assign(_replicate=_replicates(results))
     out = []
     for claim, ours, other in CLAIMS:
         candidates = [v for v in variants if v.startswith("fully_shared_")] if other == "fully_shared" else [other]
@@ -787,7 +786,7 @@ def directions(results: pd.DataFrame, metrics: tuple[str, ...] = ("ndcg@5", "ble
             for metric in metrics:
                 if metric in RETRIEVAL_COLUMNS and not (has_own_retriever(ours) and has_own_retriever(other)):
                     continue
-                pairs = [_matched(results, ours, v, dataset, metric) for v in candidates]
+                pairs = [_matched(keyed, ours, v, dataset, metric) for v in candidates]
                 pairs = [(mine, theirs) for mine, theirs in pairs if mine is not None and theirs is not None]
                 if not pairs:
                     continue

@@ -17,6 +17,7 @@ from bsharedrag.generator import (
     build_prompt,
     context_documents,
     generate,
+    no_recomputation,
     save_generation_adapter,
     train_generation_adapter,
     training_examples,
@@ -218,3 +219,17 @@ def test_checkpoints_of_other_examples_or_settings_are_moved_aside_not_resumed(s
         assert not out["resumed"] and out["steps"] == 2, label
         assert f"checkpoint at {ck} was made with another {label};" in capsys.readouterr().out
         assert list((tmp_path / "ck.stale").glob("checkpoint-2"))
+
+
+def test_recomputation_is_turned_off_by_the_name_this_transformers_gives_it(tmp_path):
+    from dataclasses import dataclass
+
+    from trl import SFTConfig
+
+    @dataclass
+    class Older:  # transformers 5.17's TrainingArguments (seen on the GPU machine) had only the old name
+        gradient_checkpointing: bool = False
+
+    assert no_recomputation(Older) == {"gradient_checkpointing": False}
+    installed = no_recomputation(SFTConfig)  # the installed version takes its own name
+    assert SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **installed)

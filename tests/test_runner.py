@@ -140,7 +140,12 @@ def test_results_prints_07s_table_and_directions_from_a_finished_or_stopped_run(
     assert "so far: 2 " in out and "separate_backbones" not in out
     assert cli.main(["results", str(tmp_path)]) == 2
     assert "run 07_ablations in" in capsys.readouterr().err
-    tally("bad inputs tried")
+    assert cli.main(["results", str(tiny_run), str(stopped.parent)]) == 0  # gathered: the stopped run's 2 rows join
+    out = capsys.readouterr().out
+    assert f"so far: {len(lines) + 2} " in out and "runs gathered" in out and "hard negatives help" in out
+    assert cli.main(["results", str(tiny_run), str(tiny_run)]) == 2
+    assert "more than once" in capsys.readouterr().err
+    tally("bad inputs tried", 2)
 
 
 def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):

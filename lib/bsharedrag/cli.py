@@ -1,7 +1,7 @@
 """The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
 RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag
-heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR` prints 07's
-table and the paper's directions so far."""
+heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR [RUN_DIR ...]`
+prints 07's table and the paper's directions so far, over one run or several gathered."""
 
 from __future__ import annotations
 
@@ -69,11 +69,15 @@ def results(args: argparse.Namespace) -> int:
     from . import plots
     from .ablations import directions, gather, table_columns
 
-    frame = gather([args.run_dir])
+    frame = gather(args.run_dir)
     metrics, costs = table_columns(frame)
     summary = plots.summarise(frame, metrics + costs)
-    print(f"07 rows of {Path(args.run_dir).name} so far: {len(frame)} (variant, data set, seed); written as each "
-          "finishes, so this reads a run still in progress or stopped")
+    names = ", ".join(Path(run).name for run in args.run_dir)
+    print(f"07 rows of {names} so far: {len(frame)} (variant, data set, run, seed); written as each finishes, so "
+          "this reads a run still in progress or stopped")
+    if len(args.run_dir) > 1:
+        print("runs gathered: a replicate is a (run, seed) pair, and the directions set each row against BSharedRAG "
+              "on the replicates both have")
     for name in sorted(frame["dataset"].unique()):
         print(f"\n{name}\n\n" + plots.results_table(summary, metrics + costs, name).to_markdown())
     claims = directions(frame)
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")
     p = sub.add_parser("results", help="07's results table and the paper's directions from a run's results.jsonl, "
                        "also while 07 is running or after it stopped")
-    p.add_argument("run_dir", help="outputs/<run_id> whose 07_ablations wrote results.jsonl")
+    p.add_argument("run_dir", nargs="+", help="outputs/<run_id> whose 07_ablations wrote results.jsonl; several "
+                   "runs (e.g. one per seed) are gathered into one comparison, as 07's gather_runs does")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

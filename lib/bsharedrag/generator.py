@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,13 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
+def no_recomputation(config_class) -> dict:
+    """The trainer setting that turns activation recomputation off, by the name this transformers gives it
+    (`gradient_checkpointing` in transformers 5.17, `activation_checkpointing` in 5.25; pyproject allows both)."""
+    names = {f.name for f in fields(config_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
 def train_generation_adapter(backbone: Backbone, examples: list[dict], settings: GeneratorSettings,
                              checkpoint_dir: str | Path) -> dict:
     """Train the `generation` LoRA with trl's SFTTrainer (loss on the answer only); resumes from its last checkpoint.
@@ -221,7 +228,7 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
         save_total_limit=1, report_to=[], seed=settings.seed, data_seed=settings.seed, bf16=bf16,
         fp16=backbone.dtype == torch.float16, use_cpu=backbone.device.type == "cpu", completion_only_loss=True,
         max_length=None, dataloader_num_workers=0, disable_tqdm=False,
-        activation_checkpointing=False,  # recomputing the forward costs a third more time; memory is not short here
+        **no_recomputation(SFTConfig),  # recomputing the forward costs a third more time; memory is not short here
     )
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=backbone.tokenizer)

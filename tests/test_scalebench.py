@@ -1,0 +1,30 @@
+"""The scale benchmark's plumbing on a tiny shape and the tiny config (its figures come from a GPU: README)."""
+
+import json
+
+import pytest
+
+from bsharedrag import paths, scalebench
+
+
+def test_scalebench_times_each_stage_against_the_matmul_limit(tmp_path):
+    out = tmp_path / "figures.json"
+    assert scalebench.main(["--config", str(paths.CONFIGS / "tiny.yaml"), "--shape", "tiny", "--steps", "1",
+                            "--docs", "4", "--device", "cpu", "--compute-dtype", "float32",  # as the other tests:
+                            "--out", str(out)]) == 0  # accelerate keeps the first mixed precision of a process
+    figures = json.loads(out.read_text())
+    assert figures["shape"] == "tiny" and figures["dtype"] == "float32" and figures["matmul_tflops"] > 0
+    for stage in ("retriever", "generator"):
+        part = figures[stage]
+        assert part["seconds_per_step"] > 0 and part["tokens_per_step"] > 0 and 0 < part["share_of_matmul_limit"] < 1
+    assert figures["encoding"]["tokens_per_s"] > 0 and 0 < figures["encoding"]["share_of_matmul_limit"] < 1
+    full = 4 * (64 + 3 * 128)  # tiny.yaml: 4 questions x (1 + 2) passages, each text as long as allowed
+    assert 0.9 * full <= figures["retriever"]["tokens_per_step"] <= full
+    assert figures["retriever"]["paper_steps"] == 6 and figures["generator"]["paper_steps"] == 3
+
+
+def test_scalebench_refuses_an_unknown_shape_and_empty_work():
+    with pytest.raises(ValueError, match="unknown shape 'gpt-5'"):
+        scalebench.random_backbone("gpt-5", None, None)
+    with pytest.raises(SystemExit):
+        scalebench.main(["--steps", "0"])

@@ -16,6 +16,7 @@ import argparse
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,10 @@ from .backbone import Backbone, embed, load_tokenizer, prepare_default_backbone
 from .bench import body_flops_per_token
 from .config import load_config
 from .devices import measure_matmul_tflops, pick_compute_dtype, pick_device
+from .generator import settings_from_config as generator_settings
+from .generator import train_generation_adapter
+from .retriever import settings_from_config as retriever_settings
+from .retriever import train_retrieval_adapter
 from .steps import versions
 
 SHAPES = {  # the published configs' sizes (config.json of each model)
@@ -88,10 +93,6 @@ def _peak_gb(device: torch.device) -> float | None:
 def time_retriever(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's retriever step (one warm-up step first), and its tokens per step."""
     _reset_peak(bb.device)
-    from dataclasses import replace
-
-    from .retriever import train_retrieval_adapter
-
     n_groups = settings.batch_size * 4
     n_docs = n_groups * (1 + settings.n_negatives)
     queries = texts_of(bb.tokenizer, n_groups, settings.query_max_length, 1)
@@ -117,10 +118,6 @@ def time_retriever(bb: Backbone, settings, steps: int) -> dict:
 def time_generator(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's generator step (trl, answer-only loss), its first step included."""
     _reset_peak(bb.device)
-    from dataclasses import replace
-
-    from .generator import train_generation_adapter
-
     prompt_tokens = settings.top_k * settings.doc_max_tokens + 64
     n = settings.batch_size * (steps + 1)
     prompts = texts_of(bb.tokenizer, n, prompt_tokens, 3)
@@ -156,9 +153,6 @@ def time_encoding(bb: Backbone, n_docs: int, max_length: int, batch_size: int) -
 def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = None,
         compute_dtype: str | None = None) -> dict:
     cfg = load_config(config)
-    from .generator import settings_from_config as generator_settings
-    from .retriever import settings_from_config as retriever_settings
-
     dev = pick_device(device)
     dtype = pick_compute_dtype(dev, compute_dtype or cfg["common"]["compute_dtype"])
     peak = measure_matmul_tflops(dtype, dev, n=8192 if dev.type == "cuda" else 1024, seconds=1.0)

@@ -161,6 +161,38 @@ def test_summarise_treats_each_run_and_seed_as_a_replicate():
         ablations.gather(["outputs/a", "elsewhere/a"])
 
 
+def test_a_seed_repeated_in_another_run_on_the_same_inputs_and_machine_is_one_replicate(tmp_path):
+    def run(name: str, key: str, boot: str, rows: list[dict]) -> Path:
+        (tmp_path / name / "07_ablations").mkdir(parents=True)
+        (tmp_path / name / "07_ablations" / "context.json").write_text(json.dumps({"key": key}))
+        (tmp_path / name / "env.txt").write_text(f"cpu: x\nboot id: {boot}\n")
+        (tmp_path / name / "07_ablations" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    def row(variant: str, seed: int, ndcg: float) -> dict:
+        return {"variant": variant, "dataset": "epqa", "seed": seed, "ndcg@5": ndcg, "bleu3": 0.3, "rougeL": 0.4}
+
+    # run a: bsharedrag at seeds 1-2; run b repeats bsharedrag at seed 1 (a hair off) and adds wo_hard_negatives at
+    # seeds 1-2 on the same inputs and boot; run c has the same inputs on another boot; run d has neither file
+    a = run("a", "k" * 64, "boot-one", [row("bsharedrag", 1, 0.70), row("bsharedrag", 2, 0.60)])
+    b = run("b", "k" * 64, "boot-one", [row("bsharedrag", 1, 0.70 + 1e-9), row("wo_hard_negatives", 1, 0.65),
+                                        row("wo_hard_negatives", 2, 0.50)])
+    c = run("c", "k" * 64, "boot-two", [row("bsharedrag", 1, 0.10)])
+    (tmp_path / "d" / "07_ablations").mkdir(parents=True)
+    (tmp_path / "d" / "07_ablations" / "results.jsonl").write_text(json.dumps(row("bsharedrag", 1, 0.9)) + "\n")
+    assert ablations.replicate_context(a) == ablations.replicate_context(b) != ablations.replicate_context(c)
+    assert ablations.replicate_context(tmp_path / "d") == "d"
+    gathered = ablations.gather([a, b])
+    assert plots.repeats(gathered, METRICS) == (1, pytest.approx(1e-9))
+    summary = plots.summarise(gathered, METRICS).set_index(["variant", "dataset"])
+    assert summary.loc[("bsharedrag", "epqa"), "seeds"] == 2  # seed 1 measured twice counts once
+    assert summary.loc[("bsharedrag", "epqa"), "ndcg@5_mean"] == pytest.approx(0.65)
+    claim = ablations.directions(gathered).set_index(["claim", "metric"]).loc[("hard negatives help", "ndcg@5")]
+    assert claim["replicates"] == 2 and claim["margin"] == pytest.approx(0.075)  # paired across runs a and b
+    elsewhere = plots.summarise(ablations.gather([a, c, tmp_path / "d"]), METRICS).set_index(["variant", "dataset"])
+    assert elsewhere.loc[("bsharedrag", "epqa"), "seeds"] == 4  # another boot, or no context: replicates of their own
+
+
 def results_frame(rows: dict[str, list[dict]]) -> pd.DataFrame:
     """{variant: one dict of metrics per seed} as a long-form results frame on one data set."""
     return pd.DataFrame([{"variant": v, "dataset": "ecomeval", "seed": seed, "lambda": np.nan, **metrics}

@@ -689,9 +689,24 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
     return frame.sort_values(["_order", "variant", "dataset", "seed"]).drop(columns="_order").reset_index(drop=True)
 
 
+def replicate_context(run_dir: str | Path) -> str:
+    """Which runs' rows at one seed are one replicate measured again: 07's context key (ablation_context: the run's
+    01-06 config and inputs, 07's settings) on the same boot of the same machine (env.txt's boot id: a seed reproduces
+    to the last digit there, not on another machine; README, "The grid's headline rows at further seeds"). The run's
+    own name where 07 or the run wrote neither."""
+    run_dir = Path(run_dir)
+    context, env = run_dir / "07_ablations" / CONTEXT, run_dir / "env.txt"
+    boot = next((line.split(":", 1)[1].strip() for line in env.read_text().splitlines() if line.startswith("boot id:")),
+                "") if env.is_file() else ""
+    if not (context.is_file() and boot):
+        return run_dir.name
+    return f"{json.loads(context.read_text())['key'][:16]}@{boot[:8]}"
+
+
 def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """The results of 07 in several runs (e.g. one per seed or per backbone) in one long-form frame with a `run`
-    column: (run, seed) is what tells replicates apart, as every run has its own seed 0."""
+    """The results of 07 in several runs (e.g. one per seed or per backbone) in one long-form frame with `run` and
+    `context` columns: (context, seed) is what tells replicates apart (replicate_context), so every run has its own
+    seed 0 unless it repeats another's inputs and settings on the same machine, where its rows are repeats."""
     names = [Path(run).name for run in run_dirs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -702,7 +717,7 @@ def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run 07_ablations in {run} first")
         frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-        frames.append(frame.assign(run=Path(run).name))
+        frames.append(frame.assign(run=Path(run).name, context=replicate_context(run)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -735,9 +750,11 @@ DIRECTION_COLUMNS = ("claim", "dataset", "metric", "ours", "other", "ours_mean",
 
 
 def _replicates(results: pd.DataFrame) -> pd.Series:
-    """What tells one replicate of a row from another: (run, seed) where runs are gathered, else the seed; without
-    either, every row is its own replicate and nothing pairs."""
-    keys = [c for c in ("run", "seed") if c in results.columns]
+    """What tells one replicate of a row from another (plots.replicate_key); without it, every row is its own
+    replicate and nothing pairs."""
+    from .plots import replicate_key
+
+    keys = replicate_key(results)
     if not keys or results.empty:  # (agg over no rows gives a frame, not a series)
         return pd.Series(results.index.astype(str), index=results.index)
     return results[keys].astype(str).agg("/".join, axis=1)

@@ -76,8 +76,11 @@ def results(args: argparse.Namespace) -> int:
     print(f"07 rows of {names} so far: {len(frame)} (variant, data set, run, seed); written as each finishes, so "
           "this reads a run still in progress or stopped")
     if len(args.run_dir) > 1:
-        print("runs gathered: a replicate is a (run, seed) pair, and the directions set each row against BSharedRAG "
-              "on the replicates both have")
+        measured_again, spread = plots.repeats(frame, metrics)
+        print("runs gathered: a replicate is a (context, seed) pair, the context being 07's inputs and settings on one "
+              "machine's boot, and the directions set each row against BSharedRAG on the replicates both have; "
+              f"replicates measured in more than one run: {measured_again} (averaged; the largest difference between "
+              f"two measurements: {spread:.2g})")
     for name in sorted(frame["dataset"].unique()):
         print(f"\n{name}\n\n" + plots.results_table(summary, metrics + costs, name).to_markdown())
     claims = directions(frame)

@@ -108,20 +108,42 @@ def _require(frame: pd.DataFrame, columns, what: str) -> None:
         raise ValueError(f"{what} lacks column(s) {missing}; it has {list(frame.columns)}")
 
 
+def replicate_key(results: pd.DataFrame) -> list[str]:
+    """The columns that tell one replicate of a (variant, data set) row from another: (context, seed) where the rows
+    carry a `context` (runs gathered by ablations.gather: one run's seed 1 and another's made from the same inputs,
+    settings and machine are one replicate measured twice), (run, seed) where they carry only a `run` (each run has
+    its own seed 0), else the seed."""
+    owner = next((c for c in ("context", "run") if c in results.columns), None)
+    return [c for c in (owner, "seed") if c is not None and c in results.columns]
+
+
+def repeats(results: pd.DataFrame, metrics: tuple[str, ...] | list[str]) -> tuple[int, float]:
+    """How many replicates (replicate_key) were measured more than once, and the largest difference between two
+    measurements of one, over `metrics` (0.0 where they agree to the last digit)."""
+    groups = results.groupby(["variant", "dataset", *replicate_key(results)], sort=False, dropna=False)
+    sizes = groups.size()
+    if not (sizes > 1).any():
+        return 0, 0.0
+    spread = (groups[list(metrics)].max() - groups[list(metrics)].min()).max().max()
+    return int((sizes > 1).sum()), 0.0 if pd.isna(spread) else float(spread)
+
+
 def summarise(results: pd.DataFrame, metrics: tuple[str, ...] | list[str]) -> pd.DataFrame:
     """Mean and sample std over replicates of each metric per (variant, dataset), with mean costs and `lambda` carried.
 
-    A replicate is a (run, seed) pair where results has a `run` column (runs gathered together each have their own
-    seed 0), else a seed; `seeds` counts them.
+    A replicate is what replicate_key says: (context, seed), (run, seed), or a seed; `seeds` counts them. Rows of one
+    (context, seed) replicate are its repeats and are averaged first, so a seed measured in two runs counts once.
     """
     metrics = list(metrics)
     _require(results, ["variant", "dataset", "seed", *metrics], "results")
-    key = ["variant", "dataset", *(["run"] if "run" in results.columns else []), "seed"]
+    key = ["variant", "dataset", *replicate_key(results)]
     repeated = results.duplicated(key, keep=False)
-    if repeated.any():
+    if repeated.any() and "context" not in results.columns:
         rows = results.loc[repeated, key].drop_duplicates().to_records(index=False).tolist()
         raise ValueError(f"results has more than one row for ({', '.join(key)}) {rows}; keep one per replicate "
                          "(a run gathered twice?)")
+    carried = [c for c in (*COST_COLUMNS, "lambda") if c in results.columns and c not in metrics]
+    results = results.groupby(key, sort=False, dropna=False)[metrics + carried].mean().reset_index()
     groups = results.groupby(["variant", "dataset"], sort=False)
     summary = groups.size().rename("seeds").to_frame()
     for m in metrics:

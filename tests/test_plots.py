@@ -187,6 +187,8 @@ def test_a_seed_repeated_in_another_run_on_the_same_inputs_and_machine_is_one_re
     summary = plots.summarise(gathered, METRICS).set_index(["variant", "dataset"])
     assert summary.loc[("bsharedrag", "epqa"), "seeds"] == 2  # seed 1 measured twice counts once
     assert summary.loc[("bsharedrag", "epqa"), "ndcg@5_mean"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match=r"run, seed"):  # one run's rows twice are a mistake, not a repeat
+        plots.summarise(pd.concat([gathered, gathered.iloc[:1]]), METRICS)
     claim = ablations.directions(gathered).set_index(["claim", "metric"]).loc[("hard negatives help", "ndcg@5")]
     assert claim["replicates"] == 2 and claim["margin"] == pytest.approx(0.075)  # paired across runs a and b
     elsewhere = plots.summarise(ablations.gather([a, c, tmp_path / "d"]), METRICS).set_index(["variant", "dataset"])

@@ -136,12 +136,13 @@ def summarise(results: pd.DataFrame, metrics: tuple[str, ...] | list[str]) -> pd
     """
     metrics = list(metrics)
     _require(results, ["variant", "dataset", "seed", *metrics], "results")
-    key = ["variant", "dataset", *replicate_key(results)]
-    repeated = results.duplicated(key, keep=False)
-    if repeated.any() and "context" not in results.columns:
-        rows = results.loc[repeated, key].drop_duplicates().to_records(index=False).tolist()
-        raise ValueError(f"results has more than one row for ({', '.join(key)}) {rows}; keep one per replicate "
+    per_run = ["variant", "dataset", *(["run"] if "run" in results.columns else []), "seed"]
+    repeated = results.duplicated(per_run, keep=False)
+    if repeated.any():
+        rows = results.loc[repeated, per_run].drop_duplicates().to_records(index=False).tolist()
+        raise ValueError(f"results has more than one row for ({', '.join(per_run)}) {rows}; keep one per replicate "
                          "(a run gathered twice?)")
+    key = ["variant", "dataset", *replicate_key(results)]
     carried = [c for c in (*COST_COLUMNS, "lambda") if c in results.columns and c not in metrics]
     results = results.groupby(key, sort=False, dropna=False)[metrics + carried].mean().reset_index()
     groups = results.groupby(["variant", "dataset"], sort=False)

@@ -42,6 +42,7 @@ def test_unknown_key_is_refused_with_the_closest_name(tmp_path, tally):
     ({"07_ablations": {"variants": ["fully_shard"]}}, "did you mean `fully_shared`"),
     ({"07_ablations": {"lambdas": [0.5, 1.5]}}, "between 0 and 1"),
     ({"03_retriever": {"learning_rate": 0}}, "must be > 0"),
+    ({"04_generator": {"train_batch_size": 4, "micro_batch_size": 3}}, r"micro_batch_size` = 3 must divide .*1, 2, 4"),
 ])
 def test_bad_values_are_refused_before_any_work(override, message, tally):
     tally("bad inputs tried")

@@ -72,6 +72,18 @@ def test_the_joint_gradient_is_the_weighted_sum_of_both_losses():
         torch.testing.assert_close(mix[k], expected, atol=1e-6, rtol=1e-4)
 
 
+def test_the_answer_loss_in_micro_batches_is_the_whole_batch_s():
+    """Answers of different lengths: the whole batch's loss weighs every answer token alike, and so must the passes."""
+    examples = [{**e, "completion": e["completion"] + ", in red" * i} for i, e in enumerate(EXAMPLES)]
+    whole, split = fresh(), fresh()
+    train_fully_shared(whole, 0.3, GROUPS, DOCS, examples, RETRIEVER, GeneratorSettings(batch_size=4))
+    out = train_fully_shared(split, 0.3, GROUPS, DOCS, examples, RETRIEVER,
+                             GeneratorSettings(batch_size=4, micro_batch_size=1))
+    assert all(np.isfinite(out["auxiliary_losses"]))
+    for k, v in lora(whole).items():
+        torch.testing.assert_close(lora(split)[k], v, atol=2e-5, rtol=1e-4)  # Adam magnifies float noise
+
+
 def test_the_one_lora_attaches_as_both_adapters(tmp_path):
     bb = fresh()
     train_fully_shared(bb, 0.5, GROUPS, DOCS, EXAMPLES, RETRIEVER, GENERATOR)

@@ -318,6 +318,17 @@ def test_a_new_run_reuses_another_run_s_unchanged_steps_by_hard_link(tiny_run, t
     assert all(sha256_file(tiny_run / "03_retriever" / rel) == digest for rel, digest in recorded.items())
 
 
+def test_a_parameter_added_later_at_its_old_value_keeps_steps_made_before_it_complete(tmp_path):
+    step = tmp_path / "run" / "04_generator"
+    step.mkdir(parents=True)
+    (step / "adapter.bin").write_bytes(b"weights")
+    before = {"train_batch_size": 4, "run_dir": "x"}  # the parameters of a run made before micro_batch_size existed
+    run.mark_complete(step, before)
+    assert run.is_complete(step, {**before, "micro_batch_size": 0}) == (True, "complete")
+    assert run.is_complete(step, {**before, "micro_batch_size": 2}) == (False, "its parameters changed")
+    assert run.is_complete(step.parent / "03_retriever", {**before, "micro_batch_size": 0})[0] is False
+
+
 def test_reuse_copies_where_the_file_system_refuses_hard_links(tmp_path, monkeypatch):
     source = tmp_path / "source"
     (source / "sub").mkdir(parents=True)

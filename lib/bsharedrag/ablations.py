@@ -24,6 +24,7 @@ import pandas as pd
 
 from .artefacts import atomic_write_json, atomic_write_text, sha256_file, sha256_json
 from .backbone import Backbone, load_backbone
+from .config import identifying
 from .data import RetrievalDataset
 from .evaluation import evaluate_generation, evaluate_retrieval_systems, generation_questions
 from .generator import (
@@ -580,7 +581,7 @@ INPUT_GLOBS = ("02_mine_negatives/*.jsonl", "03_retriever/adapters/*/adapter_mod
 def ablation_context(ab: Ablation, settings: dict) -> dict:
     """What every saved row and component of 07 depends on: the run's config of 01-06, 07's own settings other than
     which rows to produce, and the sha256 of each input file 07 reads."""
-    config = {k: v for k, v in ab.cfg.items() if k[:2].isdigit() and k[:2] < "07" or k == "common"}
+    config = {k: identifying(k, v) for k, v in ab.cfg.items() if k[:2].isdigit() and k[:2] < "07" or k == "common"}
     inputs = {str(p.relative_to(ab.run_dir)): sha256_file(p)
               for pattern in INPUT_GLOBS for p in sorted(ab.run_dir.glob(pattern))}
     decode = {lang: d.__dict__ for lang, d in ab.decode.items()}

@@ -128,6 +128,16 @@ def _check_choices_and_numbers(cfg: dict) -> None:
                 raise ConfigError(f"`{section}.{key}` = {value!r} must lie between 0 and 1")
 
 
+def check_micro_batch(batch: int, micro: int, batch_name: str = "batch_size",
+                      micro_name: str = "micro_batch_size") -> int:
+    """The passes a step's `batch` examples take when `micro` go through at a time (0: all at once)."""
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0 or (micro and batch % micro):
+        fits = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise ConfigError(f"{micro_name} = {micro!r} must divide {batch_name} = {batch!r} (one of "
+                          f"{', '.join(map(str, fits))}), or be 0 to pass the whole batch at once")
+    return batch // micro if micro else 1
+
+
 def _check_ranges(cfg: dict) -> None:
     _check_choices_and_numbers(cfg)
     common = cfg.get("common", {})
@@ -144,6 +154,9 @@ def _check_ranges(cfg: dict) -> None:
         raise ConfigError(
             f"`common.compute_dtype` = {common['compute_dtype']!r}; use one of auto, float32, bfloat16, float16"
         )
+    generator = cfg.get("04_generator", {})
+    check_micro_batch(generator.get("train_batch_size", 1), generator.get("micro_batch_size", 0),
+                      "`04_generator.train_batch_size`", "`04_generator.micro_batch_size`")
     if cfg.get("run", {}).get("timeout_s", 1) <= 0:
         raise ConfigError(f"`run.timeout_s` = {cfg['run']['timeout_s']!r} must be > 0")
 
@@ -165,6 +178,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     cfg = deep_merge(reference, cfg)
     _check_ranges(cfg)
     return cfg
+
+
+# Parameters added after runs of this repository existed, each with the value at which its step computes what it
+# computed before the parameter existed. At that value a parameter is left out of what identifies a step's work (the
+# runner's parameter hash, 07's context key), so steps run before it was added still verify, `--reuse` and pair.
+ADDED_LATER = {"04_generator": {"micro_batch_size": 0}}
+
+
+def identifying(section: str, values: dict) -> dict:
+    """`values` (a config section, or a notebook's parameters) less the later-added parameters at their old value."""
+    later = {**ADDED_LATER.get("common", {}), **ADDED_LATER.get(section, {})}
+    return {k: v for k, v in values.items() if not (k in later and type(v) is type(later[k]) and v == later[k])}
 
 
 def notebook_parameters(cfg: dict, notebook: str, declared: set[str], run_dir: str) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from .artefacts import atomic_write_json, sha256_json
 from .backbone import Backbone
+from .config import check_micro_batch
 from .generator import META as GENERATOR_META
 from .generator import GeneratorSettings
 from .lm import IGNORE, causal_lm_nll
@@ -45,23 +46,32 @@ def answer_batch(tokenizer, examples: list[dict], device) -> tuple[torch.Tensor,
     return ids, mask, target
 
 
-def generation_loss(examples: list[dict], tokenizer, batch_size: int, weight: float, seed: int):
+def generation_loss(examples: list[dict], tokenizer, batch_size: int, weight: float, seed: int,
+                    micro_batch_size: int = 0):
     """The `auxiliary` hook of the retriever's loop: each step, backpropagate `weight` x the answer-only loss of a
-    seeded batch of (prompt, completion) examples, and return the unweighted loss."""
+    seeded batch of (prompt, completion) examples, `micro_batch_size` of them per forward-backward pass (0: all at
+    once; the gradient is the whole batch's either way), and return the unweighted loss."""
     if not examples:
         raise ValueError("no generation examples: 04_generator's examples.jsonl is empty; run 04 first")
+    check_micro_batch(batch_size, micro_batch_size)
 
     def step_loss(step: int, model, accelerator) -> float:
         if weight <= 0:
             return float("nan")
         rng = np.random.default_rng([seed, step, 4])
         chosen = [examples[i] for i in rng.choice(len(examples), min(batch_size, len(examples)), replace=False)]
-        ids, mask, labels = answer_batch(tokenizer, chosen, accelerator.device)
-        with accelerator.autocast():  # the body is called directly, past the forward accelerate wraps
-            total, count = causal_lm_nll(model, ids, mask, labels)
-        loss = total / max(count, 1)
-        accelerator.backward(loss * weight)
-        return float(loss.detach())
+        width = micro_batch_size or len(chosen)
+        batches = [answer_batch(tokenizer, chosen[i:i + width], accelerator.device)
+                   for i in range(0, len(chosen), width)]
+        targets = max(sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in batches), 1)
+        loss = 0.0
+        for ids, mask, labels in batches:  # token-weighted: each pass's sum over the whole batch's target count
+            with accelerator.autocast():  # the body is called directly, past the forward accelerate wraps
+                total, _ = causal_lm_nll(model, ids, mask, labels)
+            part = total / targets
+            accelerator.backward(part * weight)
+            loss += float(part.detach())
+        return loss
 
     return step_loss
 
@@ -73,7 +83,8 @@ def train_fully_shared(backbone: Backbone, lam: float, groups: list[dict], doc_t
     lam = check_lambda(lam)
     return train_retrieval_adapter(
         backbone, groups, doc_text, retriever, checkpoint_dir, retrieval_weight=lam,
-        auxiliary=generation_loss(examples, backbone.tokenizer, generator.batch_size, 1.0 - lam, retriever.seed),
+        auxiliary=generation_loss(examples, backbone.tokenizer, generator.batch_size, 1.0 - lam, retriever.seed,
+                                  generator.micro_batch_size),
         auxiliary_data=sha256_json([examples, generator.batch_size]))
 
 

@@ -16,9 +16,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from . import adapters
-from .artefacts import CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
+from .artefacts import ADDED_LATER, CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
     training_fingerprint
 from .backbone import Backbone, FineTuning, train_top_layers
+from .config import check_micro_batch
 from .data import RetrievalDataset
 from .devices import autocast
 from .lm import causal_lm_nll
@@ -44,6 +45,9 @@ class GeneratorSettings(FineTuning):
     warmup_ratio: float = 0.1
     steps: int = 100
     batch_size: int = 4  # examples per process per step
+    # Examples per forward-backward pass, accumulated to batch_size per step (less memory; the step's loss and gradient
+    # stay the batch's, token-weighted); 0 passes the whole batch at once. Added later: see artefacts.ADDED_LATER.
+    micro_batch_size: int = field(default=0, metadata={ADDED_LATER: True})
     top_k: int = 3  # documents in the prompt
     include_gold: bool = True  # training prompts always hold the question's gold documents where the set has them
     doc_max_tokens: int = 128  # each document is cut to this many tokens in the prompt
@@ -52,6 +56,10 @@ class GeneratorSettings(FineTuning):
     prompt_zh: str = PROMPT_ZH
     save_every: int = 0  # steps between resumable checkpoints; 0 saves none
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_micro_batch(self.batch_size, self.micro_batch_size)
 
     def template(self, lang: str) -> str:
         if lang not in ("en", "zh"):
@@ -221,7 +229,9 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
         model = add_generation_adapter(backbone, settings)
     bf16 = backbone.dtype == torch.bfloat16
     args = SFTConfig(
-        output_dir=str(checkpoint_dir), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        output_dir=str(checkpoint_dir), max_steps=settings.steps,
+        per_device_train_batch_size=settings.micro_batch_size or settings.batch_size,
+        gradient_accumulation_steps=check_micro_batch(settings.batch_size, settings.micro_batch_size),
         learning_rate=settings.method_learning_rate, lr_scheduler_type="linear",
         warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), weight_decay=0.0, logging_steps=1,
         save_strategy="steps" if settings.save_every else "no", save_steps=settings.save_every or 500,
@@ -314,5 +324,6 @@ def settings_from_config(cfg: dict) -> GeneratorSettings:
     return GeneratorSettings(
         lora_r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_layers=s["lora_layers"], learning_rate=s["learning_rate"],
         warmup_ratio=s["warmup_ratio"], steps=s["train_steps"], batch_size=s["train_batch_size"], top_k=s["top_k"],
-        include_gold=s["include_gold"], doc_max_tokens=s["doc_max_tokens"], answer_max_tokens=s["answer_max_tokens"],
-        prompt_en=s["prompt_en"], prompt_zh=s["prompt_zh"], save_every=s["save_every"], seed=cfg["common"]["seed"])
+        micro_batch_size=s["micro_batch_size"], include_gold=s["include_gold"], doc_max_tokens=s["doc_max_tokens"],
+        answer_max_tokens=s["answer_max_tokens"], prompt_en=s["prompt_en"], prompt_zh=s["prompt_zh"],
+        save_every=s["save_every"], seed=cfg["common"]["seed"])

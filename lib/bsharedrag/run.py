@@ -23,7 +23,7 @@ import yaml
 
 from . import paths
 from .artefacts import atomic_write_json, atomic_write_text, sha256_file
-from .config import ConfigError, load_config, notebook_parameters
+from .config import ConfigError, identifying, load_config, notebook_parameters
 from .progress import BATCH_ENV
 from .steps import new_run_id, versions
 
@@ -51,8 +51,8 @@ def plan(cfg: dict, only: list[str] | None) -> list[tuple[str, Path]]:
     return chosen
 
 
-def _params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _params_hash(step: str, params: dict) -> str:
+    return hashlib.sha256(json.dumps(identifying(step, params), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _digests(folder: Path, prefix: str = "") -> dict[str, str]:
@@ -72,8 +72,8 @@ def _upstream(step_dir: Path) -> dict[str, str]:
 def mark_complete(step_dir: Path, params: dict) -> None:
     """Record the sha256 of every file the step wrote and of every earlier step's file it may have read, so that a
     resume verifies the step rather than trusting that its files exist."""
-    atomic_write_json(step_dir / COMPLETE, {"params": _params_hash(params), "files": _digests(step_dir),
-                                            "upstream": _upstream(step_dir)})
+    atomic_write_json(step_dir / COMPLETE, {"params": _params_hash(step_dir.name, params),
+                                            "files": _digests(step_dir), "upstream": _upstream(step_dir)})
 
 
 def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
@@ -82,7 +82,7 @@ def is_complete(step_dir: Path, params: dict) -> tuple[bool, str]:
     if not marker.is_file():
         return False, "never finished"
     record = json.loads(marker.read_text())
-    if record.get("params") != _params_hash(params):
+    if record.get("params") != _params_hash(step_dir.name, params):
         return False, "its parameters changed"
     for rel, digest in record["files"].items():
         path = step_dir / rel

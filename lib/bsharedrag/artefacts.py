@@ -68,7 +68,7 @@ RESUME_NEUTRAL = ("save_every",)  # settings that change when a checkpoint is wr
 
 # Metadata key of a settings field added after checkpoints existed, whose default computes what training computed
 # before it: at its default the field is left out of the fingerprint, so those checkpoints still resume.
-ADDED_LATER = "added_later"
+ADDED_LATER_FIELD = "added_later"
 
 
 def training_fingerprint(settings: Any, data: str, **identity: str) -> dict:
@@ -76,7 +76,7 @@ def training_fingerprint(settings: Any, data: str, **identity: str) -> dict:
     the identity of what is trained (backbone=..., tokenizer=...)."""
     left_out = set(RESUME_NEUTRAL) | set(getattr(settings, "inert", ()))  # `inert`: what its method ignores
     left_out |= {f.name for f in dataclasses.fields(settings)
-                 if f.metadata.get(ADDED_LATER) and getattr(settings, f.name) == f.default}
+                 if f.metadata.get(ADDED_LATER_FIELD) and getattr(settings, f.name) == f.default}
     kept = {k: v for k, v in dataclasses.asdict(settings).items() if k not in left_out}
     return json.loads(json.dumps({"settings": kept, "data": data, **identity}, sort_keys=True, default=str))
 

@@ -16,8 +16,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from . import adapters
-from .artefacts import ADDED_LATER, CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, sha256_json, \
-    training_fingerprint
+from .artefacts import ADDED_LATER_FIELD, CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, \
+    sha256_json, training_fingerprint
 from .backbone import Backbone, FineTuning, train_top_layers
 from .config import check_micro_batch
 from .data import RetrievalDataset
@@ -46,8 +46,8 @@ class GeneratorSettings(FineTuning):
     steps: int = 100
     batch_size: int = 4  # examples per process per step
     # Examples per forward-backward pass, accumulated to batch_size per step (less memory; the step's loss and gradient
-    # stay the batch's, token-weighted); 0 passes the whole batch at once. Added later: see artefacts.ADDED_LATER.
-    micro_batch_size: int = field(default=0, metadata={ADDED_LATER: True})
+    # stay the batch's, token-weighted); 0 passes the whole batch at once. Added later: see artefacts.ADDED_LATER_FIELD.
+    micro_batch_size: int = field(default=0, metadata={ADDED_LATER_FIELD: True})
     top_k: int = 3  # documents in the prompt
     include_gold: bool = True  # training prompts always hold the question's gold documents where the set has them
     doc_max_tokens: int = 128  # each document is cut to this many tokens in the prompt

@@ -20,7 +20,7 @@ from .backbone import Backbone
 from .config import check_micro_batch
 from .generator import META as GENERATOR_META
 from .generator import GeneratorSettings
-from .lm import IGNORE, causal_lm_nll
+from .lm import IGNORE, causal_lm_nll, target_count
 from .retriever import RetrieverSettings, save_retrieval_adapter, train_retrieval_adapter
 
 
@@ -63,7 +63,7 @@ def generation_loss(examples: list[dict], tokenizer, batch_size: int, weight: fl
         width = micro_batch_size or len(chosen)
         batches = [answer_batch(tokenizer, chosen[i:i + width], accelerator.device)
                    for i in range(0, len(chosen), width)]
-        targets = max(sum(int((labels[:, 1:] != IGNORE).sum()) for _, _, labels in batches), 1)
+        targets = max(sum(target_count(labels) for _, _, labels in batches), 1)
         loss = 0.0
         for ids, mask, labels in batches:  # token-weighted: each pass's sum over the whole batch's target count
             with accelerator.autocast():  # the body is called directly, past the forward accelerate wraps

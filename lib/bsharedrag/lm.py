@@ -18,6 +18,12 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
+def target_count(labels: torch.Tensor) -> int:
+    """The positions causal_lm_nll sums over: `labels` is aligned with the inputs, so position 0's label has no
+    position before it to predict it."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def causal_lm_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood over the positions whose label is not IGNORE, and their count.

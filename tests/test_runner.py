@@ -148,6 +148,43 @@ def test_results_prints_07s_table_and_directions_from_a_finished_or_stopped_run(
     tally("bad inputs tried", 2)
 
 
+def test_an_archived_run_reads_gathers_and_draws_as_the_run_does(tiny_run, tmp_path, capsys, monkeypatch, tally):
+    """The archive keeps the summaries, never weights, indexes, rankings or answers, and is enough for `results`,
+    its tables and figures, and 07's gather_runs on a machine without the run."""
+    from bsharedrag import archive, cli
+
+    assert cli.main(["archive", str(tiny_run), "--to", str(tmp_path / "runs")]) == 0
+    archived = tmp_path / "runs" / tiny_run.name
+    kept = {str(p.relative_to(archived)) for p in archived.rglob("*") if p.is_file()}
+    assert {"resolved.yaml", "env.txt", "timings.json", "06_evaluate/metrics.json", "07_ablations/results.jsonl",
+            "07_ablations/context.json", "07_ablations/tables/ablations.md"} <= kept
+    summaries = (".json", ".md", ".tex", ".txt", ".yaml")
+    assert {f for f in kept if not f.endswith(summaries)} == {"07_ablations/results.jsonl"}
+    capsys.readouterr()
+    assert cli.main(["results", str(tiny_run)]) == 0
+    original = capsys.readouterr().out
+    assert cli.main(["results", str(archived), "--out", str(tmp_path / "report")]) == 0
+    assert capsys.readouterr().out.startswith(original)
+    drawn = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    assert drawn == {p.name for p in (tiny_run / "07_ablations" / "figures").iterdir()}
+    for table in ("ablations.md", "directions.md"):  # the same rows (07 orders them by its variants list, the
+        # archive by results.jsonl); only the caption names where they came from
+        again = (tmp_path / "report" / "tables" / table).read_text().splitlines()[1:]
+        assert sorted(again) == sorted((tiny_run / "07_ablations" / "tables" / table).read_text().splitlines()[1:])
+
+    monkeypatch.setattr(archive, "ARCHIVE", tmp_path / "runs")  # a machine that never had the run
+    monkeypatch.setattr(paths, "OUTPUTS", tmp_path / "no-outputs")
+    assert archive.find_run(tiny_run.name) == archived
+    with pytest.raises(FileNotFoundError, match="neither in"):
+        archive.find_run("20260101-000000-abc1234-demo")
+    assert cli.main(["archive", str(tmp_path / "report")]) == 2
+    assert "no resolved.yaml" in capsys.readouterr().err
+    monkeypatch.setattr(archive, "MAX_FILE_BYTES", 100)
+    assert cli.main(["archive", str(tiny_run), "--to", str(tmp_path / "small")]) == 2
+    assert "exceed" in capsys.readouterr().err and not (tmp_path / "small" / tiny_run.name).exists()
+    tally("bad inputs tried", 3)
+
+
 def test_shared_pipeline_against_two_separately_loaded_backbones(tiny_run):
     from bsharedrag.efficiency import compare
 

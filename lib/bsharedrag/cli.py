@@ -1,7 +1,8 @@
 """The `bsharedrag` command: `bsharedrag ask RUN_DIR "question"` answers from a finished run; `bsharedrag compare
 RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag
 heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR [RUN_DIR ...]`
-prints 07's table and the paper's directions so far, over one run or several gathered."""
+prints 07's table and the paper's directions so far, over one run or several gathered (and with `--out DIR` writes its
+tables and figures); `bsharedrag archive RUN_DIR` keeps a run's result files in git under docs/runs/."""
 
 from __future__ import annotations
 
@@ -86,6 +87,22 @@ def results(args: argparse.Namespace) -> int:
     claims = directions(frame)
     if not claims.empty:
         print("\nthe paper's directions\n\n" + claims.drop(columns="holds").round(3).to_markdown(index=False))
+    if args.out:
+        from .report import write_report
+
+        write_report(frame, args.out, f"Ablations gathered from {names}", args.quality_metric)
+        print(f"\ntables and figures written under {args.out} (tables/, figures/)")
+    return 0
+
+
+def archive(args: argparse.Namespace) -> int:
+    from .archive import ARCHIVE, archive_run, kept_files
+
+    target = archive_run(args.run_dir, args.to or ARCHIVE)
+    files = kept_files(target)
+    size = sum((target / f).stat().st_size for f in files)
+    print(f"{len(files)} files ({size / 1024:.0f} kB) of {args.run_dir} archived in {target}; commit them, then read "
+          f"the run anywhere: bsharedrag results {target}")
     return 0
 
 
@@ -119,11 +136,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("results", help="07's results table and the paper's directions from a run's results.jsonl, "
                        "also while 07 is running or after it stopped")
     p.add_argument("run_dir", nargs="+", help="outputs/<run_id> whose 07_ablations wrote results.jsonl; several "
-                   "runs (e.g. one per seed) are gathered into one comparison, as 07's gather_runs does")
+                   "runs (e.g. one per seed) are gathered into one comparison, as 07's gather_runs does; archived "
+                   "runs (docs/runs/<run_id>) too")
+    p.add_argument("--out", help="also write 07's tables (Markdown, LaTeX) and figures (PNG, PDF) of these rows here")
+    p.add_argument("--quality-metric", default="rougeL", help="the quality axis of the quality-versus-memory figure "
+                   "(default: rougeL)")
+    p = sub.add_parser("archive", help="keep a run's result files (config, machine, times, metrics, tables, 07's rows) "
+                       "in git under docs/runs/<run_id>, so they outlive the run's machine")
+    p.add_argument("run_dir", help="outputs/<run_id>")
+    p.add_argument("--to", help="archive folder (default: docs/runs of this checkout)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        return {"ask": ask, "compare": compare, "heldout": heldout, "results": results}[args.command](args)
+        return {"ask": ask, "compare": compare, "heldout": heldout, "results": results,
+                "archive": archive}[args.command](args)
     except (FileNotFoundError, ValueError) as err:
         print(f"bsharedrag {args.command}: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """A run's result files kept in git: `bsharedrag archive outputs/<run_id>` copies its configuration, machine facts,
-step times, every step's metrics.json and tables, 07's result rows and context, and `bsharedrag heldout`'s figures into
+step times, every step's metrics.json and tables, 07's result rows and context, and `bsharedrag heldout`'s metrics into
 docs/runs/<run_id>/ with the run's own layout. outputs/ holds weights, indexes and caches, and stays on the machine
 that made them; an archived run can still be read (`bsharedrag results docs/runs/<run_id>`), gathered into 07
 (`gather_runs`) and drawn again (`bsharedrag results ... --out DIR`) on any machine. Rankings, generated answers and

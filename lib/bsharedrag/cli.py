@@ -96,11 +96,11 @@ def results(args: argparse.Namespace) -> int:
 
 
 def archive(args: argparse.Namespace) -> int:
-    from .archive import ARCHIVE, archive_run, kept_files
+    from .archive import ARCHIVE, archive_run
 
     target = archive_run(args.run_dir, args.to or ARCHIVE)
-    files = kept_files(target)
-    size = sum((target / f).stat().st_size for f in files)
+    files = [p for p in target.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
     print(f"{len(files)} files ({size / 1024:.0f} kB) of {args.run_dir} archived in {target}; commit them, then read "
           f"the run anywhere: bsharedrag results {target}")
     return 0

@@ -167,11 +167,11 @@ def test_sft_masks_the_prompt_and_the_loss_is_the_models_own(small_epqa):
     args = SFTConfig(output_dir="/tmp/unused-sft", use_cpu=True, report_to=[], completion_only_loss=True, max_length=None)
     data = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=bb.tokenizer)
-    row = trainer.train_dataset[0]
-    answer_ids = bb.tokenizer(examples[0]["completion"], add_special_tokens=False)["input_ids"]
-    targets = [t for t in row["labels"] if t != IGNORE]
-    assert targets[-1] == bb.tokenizer.eos_token_id and len(targets) <= len(answer_ids) + 2
+    # the collated batch, not the dataset row: trl 1.0 keeps a completion_mask there and builds labels in its collator
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    answer_ids = bb.tokenizer(examples[0]["completion"], add_special_tokens=False)["input_ids"]
+    targets = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    assert targets[-1] == bb.tokenizer.eos_token_id and len(targets) <= len(answer_ids) + 2
     ours = trainer.compute_loss(model, dict(batch))
     reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert float(ours) == pytest.approx(float(reference), rel=1e-4)

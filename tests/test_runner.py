@@ -145,7 +145,12 @@ def test_results_prints_07s_table_and_directions_from_a_finished_or_stopped_run(
     assert f"so far: {len(lines) + 2} " in out and "runs gathered" in out and "hard negatives help" in out
     assert cli.main(["results", str(tiny_run), str(tiny_run)]) == 2
     assert "more than once" in capsys.readouterr().err
-    tally("bad inputs tried", 2)
+    assert cli.main(["results", str(tiny_run), "--rows", "bsharedrag", "separate_bm25"]) == 0  # the claims they name
+    out = capsys.readouterr().out
+    assert "separate retriever (BM25)" in out and "hard negatives help" not in out and "separate_backbones" not in out
+    assert cli.main(["results", str(tiny_run), "--rows", "bsharedrag", "fully_shared_0.9"]) == 2
+    assert "--rows ['fully_shared_0.9']: no such 07 row" in capsys.readouterr().err
+    tally("bad inputs tried", 3)
 
 
 def test_an_archived_run_reads_gathers_and_draws_as_the_run_does(tiny_run, tmp_path, capsys, monkeypatch, tally):

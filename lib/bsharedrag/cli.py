@@ -71,6 +71,12 @@ def results(args: argparse.Namespace) -> int:
     from .ablations import directions, gather, table_columns
 
     frame = gather(args.run_dir)
+    if args.rows:
+        absent = sorted(set(args.rows) - set(frame["variant"]))
+        if absent:
+            have = sorted(frame["variant"].unique())
+            raise ValueError(f"--rows {absent}: no such 07 row in these runs; they have {have}")
+        frame = frame[frame["variant"].isin(args.rows)].reset_index(drop=True)
     metrics, costs = table_columns(frame)
     summary = plots.summarise(frame, metrics + costs)
     names = ", ".join(Path(run).name for run in args.run_dir)
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", nargs="+", help="outputs/<run_id> whose 07_ablations wrote results.jsonl; several "
                    "runs (e.g. one per seed) are gathered into one comparison, as 07's gather_runs does; archived "
                    "runs (docs/runs/<run_id>) too")
+    p.add_argument("--rows", nargs="+", help="only these 07 rows (e.g. bsharedrag fully_shared_0.3), so the directions "
+                   "compare what they name: fully_shared's best lambda is then chosen among these")
     p.add_argument("--out", help="also write 07's tables (Markdown, LaTeX) and figures (PNG, PDF) of these rows here")
     p.add_argument("--quality-metric", default="rougeL", help="the quality axis of the quality-versus-memory figure "
                    "(default: rougeL)")

@@ -44,7 +44,7 @@ def test_data_files_are_not_committed():
     assert not [t for t in tracked if t.startswith("data/raw/") or t.endswith((".csv", ".safetensors", ".gguf"))]
 
 
-def test_versions_mark_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
+def test_versions_and_run_ids_mark_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):
     from bsharedrag import steps
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
@@ -56,5 +56,7 @@ def test_versions_mark_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch
     sha = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     (tmp_path / "new.txt").write_text("untracked files do not count\n")
     assert steps.versions()["git"] == sha
+    assert steps.new_run_id("demo").endswith(f"-{sha}-demo")
     (tmp_path / "a.py").write_text("x = 2\n")
     assert steps.versions()["git"] == f"{sha}-dirty"
+    assert steps.new_run_id("demo").endswith(f"-{sha}-dirty-demo")  # a run id never claims a commit it did not run

@@ -138,6 +138,15 @@ def test_one_seed_gives_no_error_bars_and_no_plus_minus(tmp_path):
     assert_saved(plots.save_figure(curve, tmp_path / "lambda_one"))
 
 
+def test_lambda_curve_shows_the_spread_of_a_point_whose_neighbours_ran_once():
+    rows = make_results()
+    rows = rows[(rows["variant"] != "fully_shared_0.8") | (rows["seed"] == 0)]  # 0.2 at three seeds, 0.8 at one
+    curve = plots.lambda_curve(plots.summarise(rows, METRICS), "epqa", ("bleu3",), "mixed seeds")
+    ax = curve.axes[0]  # the band joins no two points: 0.2's neighbour 0.8 has no spread
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1 and [seg[0][0] for seg in bars[0].lines[2][0].get_segments()] == [0.2]
+
+
 def test_lambda_curve_needs_lambda_rows():
     summary = plots.summarise(make_results().drop(columns="lambda"), METRICS)
     with pytest.raises(ValueError, match="lambda"):

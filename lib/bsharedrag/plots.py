@@ -275,6 +275,9 @@ def lambda_curve(summary: pd.DataFrame, dataset: str, metrics: tuple[str, ...] |
         if has.any():
             ax.fill_between(lam, np.where(has, mean - std, mean), np.where(has, mean + std, mean), where=has,
                             color=line.get_color(), alpha=0.2, linewidth=0)
+            # A band spans only neighbours that both have a spread; with lambdas at unequal seed counts the bar
+            # still shows it on a point whose neighbours are single runs.
+            ax.errorbar(lam[has], mean[has], yerr=std[has], fmt="none", ecolor=line.get_color(), capsize=3)
         if reference in rows.index:
             ref = float(rows.loc[reference, f"{m}_mean"])
             if np.isfinite(ref):

@@ -34,8 +34,8 @@ def _dirty() -> str:
 
 
 def new_run_id(name: str) -> str:
-    """Timestamp to the second + short git SHA + config name."""
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{git_sha()}-{name}"
+    """Timestamp to the second + short git SHA (marked "-dirty" as in versions()) + config name."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{git_sha()}{_dirty()}-{name}"
 
 
 def open_step(run_dir: str, step: str) -> Path:

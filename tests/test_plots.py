@@ -239,6 +239,25 @@ def test_directions_compare_only_what_differs_and_call_an_equal_mean_a_tie():
     assert best.loc["ndcg@5", "other"] == "fully_shared_0.75" and best.loc["rougeL", "other"] == "fully_shared_0.25"
 
 
+def test_lambda_verdicts_set_bsharedrag_against_every_lambda_not_only_the_best_per_metric():
+    results = results_frame({
+        "bsharedrag": [{"ndcg@5": 0.50, "bleu3": 0.30, "rougeL": 0.40}, {"ndcg@5": 0.52, "bleu3": 0.32, "rougeL": 0.42}],
+        "fully_shared_0.25": [{"ndcg@5": 0.40, "bleu3": 0.10, "rougeL": 0.45}],  # seed 0 only: paired at seed 0
+        "fully_shared_0.75": [{"ndcg@5": 0.55, "bleu3": 0.20, "rougeL": 0.20},
+                              {"ndcg@5": 0.49, "bleu3": 0.22, "rougeL": 0.22}],
+    })
+    table = ablations.lambda_verdicts(results)
+    assert list(table.index) == ["lambda 0.25", "lambda 0.75"]
+    assert list(table.columns) == ["ecomeval ndcg@5", "ecomeval bleu3", "ecomeval rougeL", "replicates"]
+    assert table.loc["lambda 0.25", "ecomeval ndcg@5"] == "holds +0.100"
+    assert table.loc["lambda 0.25", "ecomeval rougeL"] == "fails -0.050" and table.loc["lambda 0.25", "replicates"] == 1
+    # means 0.51 vs 0.52, spread max(std) = 0.042: a tie, where the best-lambda row would name 0.75 alone
+    assert table.loc["lambda 0.75", "ecomeval ndcg@5"] == "tie -0.010" and table.loc["lambda 0.75", "replicates"] == 2
+    best = ablations.directions(results).set_index(["claim", "metric"])
+    assert best.loc[("shared backbone >= fully shared (best lambda)", "rougeL"), "other"] == "fully_shared_0.25"
+    assert ablations.lambda_verdicts(results[~results["variant"].str.startswith("fully")]).empty
+
+
 def test_directions_call_a_margin_within_the_seed_spread_a_tie():
     results = results_frame({
         "bsharedrag": [{"ndcg@5": n, "bleu3": b, "rougeL": 0.4} for n, b in ((0.5, 0.30), (0.6, 0.31), (0.4, 0.29))],

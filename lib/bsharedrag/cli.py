@@ -68,7 +68,7 @@ def heldout(args: argparse.Namespace) -> int:
 
 def results(args: argparse.Namespace) -> int:
     from . import plots
-    from .ablations import directions, gather, table_columns
+    from .ablations import directions, gather, lambda_verdicts, table_columns
 
     frame = gather(args.run_dir)
     if args.rows:
@@ -77,9 +77,15 @@ def results(args: argparse.Namespace) -> int:
             have = sorted(frame["variant"].unique())
             raise ValueError(f"--rows {absent}: no such 07 row in these runs; they have {have}")
         frame = frame[frame["variant"].isin(args.rows)].reset_index(drop=True)
-    metrics, costs = table_columns(frame)
-    summary = plots.summarise(frame, metrics + costs)
     names = ", ".join(Path(run).name for run in args.run_dir)
+    if args.out:
+        from .report import write_report
+
+        report = write_report(frame, args.out, f"Ablations gathered from {names}", args.quality_metric)
+        metrics, costs, summary, claims = report.metrics, report.costs, report.summary, report.directions
+    else:
+        metrics, costs = table_columns(frame)
+        summary, claims = plots.summarise(frame, metrics + costs), directions(frame)
     print(f"07 rows of {names} so far: {len(frame)} (variant, data set, run, seed); written as each finishes, so "
           "this reads a run still in progress or stopped")
     if len(args.run_dir) > 1:
@@ -90,13 +96,12 @@ def results(args: argparse.Namespace) -> int:
               f"two measurements: {spread:.2g})")
     for name in sorted(frame["dataset"].unique()):
         print(f"\n{name}\n\n" + plots.results_table(summary, metrics + costs, name).to_markdown())
-    claims = directions(frame)
     if not claims.empty:
         print("\nthe paper's directions\n\n" + claims.drop(columns="holds").round(3).to_markdown(index=False))
+    if not (each := lambda_verdicts(frame)).empty:
+        print("\nBSharedRAG against each Fully Shared lambda (verdict, margin), nothing picked on the test "
+              "questions\n\n" + each.to_markdown())
     if args.out:
-        from .report import write_report
-
-        write_report(frame, args.out, f"Ablations gathered from {names}", args.quality_metric)
         print(f"\ntables and figures written under {args.out} (tables/, figures/)")
     return 0
 

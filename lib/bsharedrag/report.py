@@ -1,5 +1,5 @@
 """07's report from its result rows, one run's or several gathered: the results table (Markdown and LaTeX), the
-paper's directions, and the figures (grouped bars with error bars, the lambda curve, quality against memory; PNG and
+paper's directions (and BSharedRAG against each Fully Shared lambda), and the figures (grouped bars with error bars, the lambda curve, quality against memory; PNG and
 PDF). 07 writes it into its step folder; `bsharedrag results RUN [RUN ...] --out DIR` writes the same from any runs,
 archived ones included (`bsharedrag.archive`)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import plots
-from .ablations import GENERATION_COLUMNS, RETRIEVAL_COLUMNS, directions, table_columns
+from .ablations import GENERATION_COLUMNS, RETRIEVAL_COLUMNS, directions, lambda_verdicts, table_columns
 
 
 @dataclass
@@ -50,4 +50,7 @@ def write_report(results: pd.DataFrame, out_dir: str | Path, title: str, quality
     claims = directions(results)
     plots.save_table(claims.set_index(["claim", "dataset", "metric"]), out_dir / "tables" / "directions",
                      "The paper's directions on these rows")
+    if not (each := lambda_verdicts(results)).empty:
+        plots.save_table(each, out_dir / "tables" / "lambda_verdicts",
+                         "BSharedRAG against each Fully Shared lambda: verdict and margin")
     return Report(summary, metrics, costs, claims, figures)

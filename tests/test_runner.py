@@ -131,6 +131,8 @@ def test_results_prints_07s_table_and_directions_from_a_finished_or_stopped_run(
     out = capsys.readouterr().out
     shared = json.loads((tiny_run / "07_ablations" / "metrics.json").read_text())["ablations"]["bsharedrag"]["epqa"]
     assert f"{shared['ndcg@5']:.3f}" in out and "separate_backbones" in out and "hard negatives help" in out
+    assert "| lambda 0.5 " in out and re.search(r"over \d+ comparisons: holds \d+", out)  # each lambda apart
+    assert (tiny_run / "07_ablations" / "tables" / "lambda_verdicts.md").is_file()
     stopped = tmp_path / "stopped-run" / "07_ablations"  # 07 stopped after its first rows: they are still readable
     stopped.mkdir(parents=True)
     lines = (tiny_run / "07_ablations" / "results.jsonl").read_text().splitlines()

@@ -99,8 +99,10 @@ def results(args: argparse.Namespace) -> int:
     if not claims.empty:
         print("\nthe paper's directions\n\n" + claims.drop(columns="holds").round(3).to_markdown(index=False))
     if not (each := lambda_verdicts(frame)).empty:
+        cells = each.drop(columns="replicates").stack().str.split().str[0].value_counts()
         print("\nBSharedRAG against each Fully Shared lambda (verdict, margin), nothing picked on the test "
-              "questions\n\n" + each.to_markdown())
+              "questions\n\n" + each.to_markdown() + f"\n\nover {int(cells.sum())} comparisons: holds "
+              f"{cells.get('holds', 0)}, ties {cells.get('tie', 0)}, fails {cells.get('fails', 0)}")
     if args.out:
         print(f"\ntables and figures written under {args.out} (tables/, figures/)")
     return 0

@@ -82,10 +82,11 @@ def results(args: argparse.Namespace) -> int:
         from .report import write_report
 
         report = write_report(frame, args.out, f"Ablations gathered from {names}", args.quality_metric)
-        metrics, costs, summary, claims = report.metrics, report.costs, report.summary, report.directions
+        metrics, costs, summary = report.metrics, report.costs, report.summary
+        claims, each = report.directions, report.lambda_verdicts
     else:
         metrics, costs = table_columns(frame)
-        summary, claims = plots.summarise(frame, metrics + costs), directions(frame)
+        summary, claims, each = plots.summarise(frame, metrics + costs), directions(frame), lambda_verdicts(frame)
     print(f"07 rows of {names} so far: {len(frame)} (variant, data set, run, seed); written as each finishes, so "
           "this reads a run still in progress or stopped")
     if len(args.run_dir) > 1:
@@ -98,7 +99,7 @@ def results(args: argparse.Namespace) -> int:
         print(f"\n{name}\n\n" + plots.results_table(summary, metrics + costs, name).to_markdown())
     if not claims.empty:
         print("\nthe paper's directions\n\n" + claims.drop(columns="holds").round(3).to_markdown(index=False))
-    if not (each := lambda_verdicts(frame)).empty:
+    if not each.empty:
         cells = each.drop(columns="replicates").stack().str.split().str[0].value_counts()
         print("\nBSharedRAG against each Fully Shared lambda (verdict, margin), nothing picked on the test "
               "questions\n\n" + each.to_markdown() + f"\n\nover {int(cells.sum())} comparisons: holds "

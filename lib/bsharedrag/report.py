@@ -1,6 +1,6 @@
 """07's report from its result rows, one run's or several gathered: the results table (Markdown and LaTeX), the
-paper's directions (and BSharedRAG against each Fully Shared lambda), and the figures (grouped bars with error bars, the lambda curve, quality against memory; PNG and
-PDF). 07 writes it into its step folder; `bsharedrag results RUN [RUN ...] --out DIR` writes the same from any runs,
+paper's directions and BSharedRAG against each Fully Shared lambda, and the figures (grouped bars with error bars, the
+lambda curve, quality against memory; PNG and PDF). 07 writes it into its step folder; `bsharedrag results RUN [RUN ...] --out DIR` writes the same from any runs,
 archived ones included (`bsharedrag.archive`)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Report:
     metrics: list[str]
     costs: list[str]
     directions: pd.DataFrame  # ablations.directions
+    lambda_verdicts: pd.DataFrame  # ablations.lambda_verdicts (empty without bsharedrag and a Fully Shared row)
     figures: dict  # file stem -> matplotlib figure, in the order drawn
 
 
@@ -53,4 +54,4 @@ def write_report(results: pd.DataFrame, out_dir: str | Path, title: str, quality
     if not (each := lambda_verdicts(results)).empty:
         plots.save_table(each, out_dir / "tables" / "lambda_verdicts",
                          "BSharedRAG against each Fully Shared lambda: verdict and margin")
-    return Report(summary, metrics, costs, claims, figures)
+    return Report(summary, metrics, costs, claims, each, figures)

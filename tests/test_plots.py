@@ -241,7 +241,8 @@ def test_directions_compare_only_what_differs_and_call_an_equal_mean_a_tie():
 
 def test_lambda_verdicts_set_bsharedrag_against_every_lambda_not_only_the_best_per_metric():
     results = results_frame({
-        "bsharedrag": [{"ndcg@5": 0.50, "bleu3": 0.30, "rougeL": 0.40}, {"ndcg@5": 0.52, "bleu3": 0.32, "rougeL": 0.42}],
+        "bsharedrag": [{"ndcg@5": 0.50, "bleu3": 0.30, "rougeL": 0.40},
+                       {"ndcg@5": 0.52, "bleu3": 0.32, "rougeL": 0.42}],
         "fully_shared_0.25": [{"ndcg@5": 0.40, "bleu3": 0.10, "rougeL": 0.45}],  # seed 0 only: paired at seed 0
         "fully_shared_0.75": [{"ndcg@5": 0.55, "bleu3": 0.20, "rougeL": 0.20},
                               {"ndcg@5": 0.49, "bleu3": 0.22, "rougeL": 0.22}],

@@ -1,7 +1,7 @@
 """07's report from its result rows, one run's or several gathered: the results table (Markdown and LaTeX), the
 paper's directions and BSharedRAG against each Fully Shared lambda, and the figures (grouped bars with error bars, the
-lambda curve, quality against memory; PNG and PDF). 07 writes it into its step folder; `bsharedrag results RUN [RUN ...] --out DIR` writes the same from any runs,
-archived ones included (`bsharedrag.archive`)."""
+lambda curve, quality against memory; PNG and PDF). 07 writes it into its step folder; `bsharedrag results RUN
+[RUN ...] --out DIR` writes the same from any runs, archived ones included (`bsharedrag.archive`)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from bsharedrag import prag
 from bsharedrag.artefacts import sha256_file
 from bsharedrag.backbone import Backbone, load_backbone
-from bsharedrag.generator import DecodeSettings, GeneratorSettings
+from bsharedrag.generator import DecodeSettings, GeneratorSettings, generate
 from bsharedrag.prag import (
     META,
     WEIGHTS,
@@ -19,7 +19,7 @@ from bsharedrag.prag import (
     PRAGSettings,
     augment_documents,
     make_init_state,
-    merged_documents,
+    merged_document_sets,
     parse_qa,
     rejection_tally,
     train_document_adapter,
@@ -72,7 +72,7 @@ def test_settings_are_validated():
 def test_cat_merge_equals_each_documents_scaled_BA_added_by_hand(bare, trained):
     bb, untouched = bare
     folders = [trained.adapter_dir(text, "en") for _, text in DOCS[:2]]
-    with merged_documents(bb, folders, TINY) as name:
+    with merged_document_sets(bb, [folders], TINY) as (name,):
         assert bb.model.peft_config[name].r == 2 * TINY.lora_r
         merged = logits(bb.model, name)
     by_hand = copy.deepcopy(untouched)
@@ -88,6 +88,25 @@ def test_cat_merge_equals_each_documents_scaled_BA_added_by_hand(bare, trained):
     assert torch.allclose(merged, logits(by_hand), atol=1e-5)
     assert (merged - logits(untouched)).abs().max() > 1e-3  # the adapters do change the model
     assert not isinstance(bb.model, PeftModel)  # the bare backbone was wrapped for the merge and unwrapped after
+
+
+def test_each_row_of_a_batch_goes_through_its_own_documents_merge_alone(bare, trained):
+    bb = bare[0]
+    two, one = [trained.adapter_dir(t, "en") for _, t in DOCS[:2]], [trained.adapter_dir(DOCS[2][1], "en")]
+    with merged_document_sets(bb, [two, [], one, two[::-1], two], TINY) as names:
+        assert names[0] == names[4] != names[2] and names[1] is None and names[3] not in (None, *names[:3])
+        assert sorted(bb.model.peft_config) == sorted(["prag_holder", *{n for n in names if n}])  # documents dropped
+        with torch.no_grad():
+            mixed = bb.model(input_ids=IDS.repeat(len(names), 1), adapter_names=[n or "__base__" for n in names]).logits
+        alone = [logits(bb.model, n)[0] for n in names]
+        with pytest.raises(ValueError, match="2 adapters for 1 prompts"):
+            generate(bb, ["Hi"], DecodeSettings(max_new_tokens=1), adapter=names[:2])
+        with pytest.raises(ValueError, match="'nowhere'"):
+            generate(bb, ["Hi", "Ho"], DecodeSettings(max_new_tokens=1), adapter=[names[0], "nowhere"])
+    for row, expected in zip(mixed, alone):
+        assert torch.allclose(row, expected, atol=1e-5)
+    assert (alone[0] - alone[2]).abs().max() > 1e-3 and torch.allclose(alone[0], alone[3], atol=1e-5)
+    assert not isinstance(bb.model, PeftModel)
 
 
 def test_a_second_ensure_trains_nothing_and_changes_give_new_keys(bare, trained, monkeypatch):
@@ -163,14 +182,17 @@ def test_answering_leaves_the_backbone_and_its_adapters_as_they_were(bare, train
                                                                                                          *a, **k))
     rng = torch.random.get_rng_state()
     questions = ["How long does it take to boil?", "Can I return it?", "What about ice?"]
-    docs = [DOCS[:2], DOCS[1::-1], DOCS[2:]]  # the first two share their documents: one batch
+    docs = [DOCS[:2], DOCS[1::-1], DOCS[2:]]  # the first two share their documents, and their merge
     for backbone, modes in ((shared, ("parametric", "parametric_docs")), (bb, ("parametric",))):
-        rag = ParametricRAG(backbone, trained, GeneratorSettings(doc_max_tokens=16), DecodeSettings(max_new_tokens=3))
-        for mode in modes:
-            calls.clear()
-            out = rag.answer_many(questions, docs, "en", mode)
-            assert calls == [2, 1] and len(out["answers"]) == 3 and all(isinstance(a, str) for a in out["answers"])
-            assert len(out["latency_s"]) == 3 and out["cost"]["encoded"] == 0 and out["cost"]["reused"] == 3
+        for batch, expected in ((8, [3]), (2, [2, 1])):
+            rag = ParametricRAG(backbone, trained, GeneratorSettings(doc_max_tokens=16),
+                                DecodeSettings(max_new_tokens=3, batch_size=batch))
+            for mode in modes:
+                calls.clear()
+                out = rag.answer_many(questions, docs, "en", mode)
+                assert calls == expected and len(out["answers"]) == 3
+                assert all(isinstance(a, str) for a in out["answers"])
+                assert len(out["latency_s"]) == 3 and out["cost"]["encoded"] == 0 and out["cost"]["reused"] == 3
         one = rag.answer(questions[0], DOCS[:1], "en", "parametric")
         assert isinstance(one["answer"], str) and one["latency_s"] > 0
     with pytest.raises(ValueError, match="'closed'"):

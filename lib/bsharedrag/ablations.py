@@ -539,9 +539,9 @@ def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_quest
                  "training_seconds": retrieval.seconds + spent["seconds"],
                  "documents_encoded": spent["documents"], "documents_reused": made["reused"],
                  "document_encoding_seconds": spent["seconds"],
-                 # while answering, the k loaded document LoRAs and their `cat` merge are all held
+                 # while a batch is merged, its questions' k loaded document LoRAs and their `cat` merges are all held
                  "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path) + found.index_mb[name]
-                 + 2 * gen.top_k * cache.adapter_mb()}
+                 + 2 * gen.top_k * min(ab.decode[ds.lang].batch_size, len(queries)) * cache.adapter_mb()}
         rag = ParametricRAG(bb, cache, gen, ab.decode[ds.lang])
         for mode in PRAG_MODES:
             if row_of(f"prag_{mode}", name) is not None:

@@ -285,13 +285,20 @@ def active_adapter(backbone: Backbone, name: str | None):
     return contextlib.nullcontext()
 
 
-def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, adapter: str | None = None,
+def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, adapter: str | list | None = None,
              stop: str = "") -> list[str]:
     """Answers to `prompts` with adapter `adapter` (None: the bare backbone), batched by length, left-padded.
 
+    A list gives each prompt its own adapter (None: the bare backbone) and still decodes them together: each row of a
+    batch goes through its adapter alone (peft's `adapter_names`).
     Greedy decoding gives the same answers on every run; with `decode.do_sample`, sampling is seeded per batch.
     Text from `stop` on (the template's next-question marker) is cut.
     """
+    if isinstance(adapter, list):
+        _check_per_prompt_adapters(backbone, adapter, len(prompts))
+        if len(set(adapter)) <= 1:  # one adapter for every prompt: the plain path
+            adapter = adapter[0] if adapter else None
+    per_prompt = isinstance(adapter, list)
     tok = backbone.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -299,15 +306,19 @@ def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, ada
     out: list[str] = [""] * len(prompts)
     starts = range(0, len(order), decode.batch_size)
     model = backbone.model
+    label = "per-prompt adapters" if per_prompt else adapter or "base"
     try:
-        with active_adapter(backbone, adapter), torch.inference_mode(), autocast(backbone.device, backbone.dtype):
-            for b, start in enumerate(progress(starts, total=len(starts), desc=f"generate ({adapter or 'base'})")):
+        with (contextlib.nullcontext() if per_prompt else active_adapter(backbone, adapter)), torch.inference_mode(), \
+                autocast(backbone.device, backbone.dtype):
+            for b, start in enumerate(progress(starts, total=len(starts), desc=f"generate ({label})")):
                 rows = order[start:start + decode.batch_size]
                 batch = tok.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(backbone.device)
                 sampling = {"do_sample": True, "temperature": decode.temperature, "top_p": decode.top_p} \
                     if decode.do_sample else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
                 if decode.do_sample:
                     torch.manual_seed(decode.seed + b)
+                if per_prompt:
+                    sampling["adapter_names"] = [adapter[i] or BASE_ROW for i in rows]
                 new = model.generate(**batch, max_new_tokens=decode.max_new_tokens, pad_token_id=tok.pad_token_id,
                                      **sampling)[:, batch["input_ids"].shape[1]:]
                 for i, row in zip(rows, new):
@@ -316,6 +327,21 @@ def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, ada
     finally:
         tok.padding_side = side
     return out
+
+
+BASE_ROW = "__base__"  # peft's name for a row of a mixed batch that runs without adapter
+
+
+def _check_per_prompt_adapters(backbone: Backbone, adapters: list, n_prompts: int) -> None:
+    if len(adapters) != n_prompts:
+        raise ValueError(f"{len(adapters)} adapters for {n_prompts} prompts; give one adapter (or None) per prompt")
+    attached = backbone.model.peft_config if isinstance(backbone.model, PeftModel) else {}
+    missing = sorted({a for a in adapters if a is not None and a not in attached})
+    if missing:
+        raise ValueError(f"adapters {missing} are not attached to the backbone; attach them before generating")
+    if not attached and backbone.fine_tuned is not None:
+        raise ValueError(f"the backbone holds the fine-tuned {backbone.fine_tuned['task']} copy, which cannot run per-"
+                         "prompt adapters; load a fresh backbone for that")
 
 
 def settings_from_config(cfg: dict) -> GeneratorSettings:

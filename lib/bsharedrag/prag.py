@@ -12,7 +12,7 @@ import random
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,8 +22,11 @@ from safetensors.torch import load_file, save, save_file
 
 from .artefacts import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_file
 from .backbone import Backbone
+from .data import RetrievalDataset
 from .devices import autocast
-from .generator import DecodeSettings, GeneratorSettings, answer_marker, build_prompt, cut_tokens, generate
+from .evaluation import generation_questions
+from .generator import DecodeSettings, GeneratorSettings, answer_marker, build_prompt, cut_tokens, generate, \
+    gold_documents
 from .lm import IGNORE, causal_lm_nll
 from .progress import progress
 
@@ -466,22 +469,31 @@ def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict
 
 
 @contextlib.contextmanager
-def merged_documents(backbone: Backbone, adapter_dirs: list[Path], settings: PRAGSettings) -> Iterator[str]:
-    """The documents' LoRAs loaded and merged exactly into one adapter (peft `cat`); yields its name, removes all after.
+def merged_document_sets(backbone: Backbone, sets: list[list[Path]], settings: PRAGSettings) -> Iterator[list]:
+    """Each set's document LoRAs loaded and merged exactly into one adapter (peft `cat`); yields the merges' names, one
+    per set (None for an empty set), for a batch whose every question answers with its own documents (`generate` with
+    one adapter per prompt). Each document is loaded once however many sets hold it and dropped once merged; all is
+    removed after.
 
     `cat` concatenates the ranks (A_i scaled by its weight 1.0 and its own alpha/r), so the merged delta is exactly
     sum_i scale * B_i A_i. For one document peft merges by `linear` instead (sqrt(scale) on A and on B), also exact.
     """
     with lora_session(backbone, settings) as model:
-        names = [f"prag_doc_{i}" for i in range(len(adapter_dirs))]
-        taken = [n for n in (*names, MERGED) if n in model.peft_config]
+        distinct = [s for s in dict.fromkeys(tuple(s) for s in sets) if s]
+        loaded = {folder: f"prag_doc_{i}" for i, folder in enumerate(dict.fromkeys(f for s in distinct for f in s))}
+        merged = {s: f"{MERGED}_{i}" for i, s in enumerate(distinct)}
+        taken = [n for n in (*loaded.values(), *merged.values()) if n in model.peft_config]
         if taken:
             raise ValueError(f"the backbone already carries adapters {taken}; PRAG needs these names free")
-        for name, folder in zip(names, adapter_dirs):
+        for folder, name in loaded.items():
             model.load_adapter(str(folder), adapter_name=name, torch_device=str(backbone.device))
-        # add_weighted_adapter silently does nothing when the name exists: it was checked free above
-        model.add_weighted_adapter(names, weights=[1.0] * len(names), adapter_name=MERGED, combination_type="cat")
-        yield MERGED
+        for s, name in merged.items():
+            # add_weighted_adapter silently does nothing when the name exists: it was checked free above
+            model.add_weighted_adapter([loaded[f] for f in s], weights=[1.0] * len(s), adapter_name=name,
+                                       combination_type="cat")
+        for name in loaded.values():
+            model.delete_adapter(name)
+        yield [merged.get(tuple(s)) for s in sets]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -662,10 +674,11 @@ class ParametricRAG:
 
     def answer_many(self, questions: list[str], docs_per_question: list[list[tuple[str, str]]], lang: str,
                     mode: str = "parametric") -> dict:
-        """Answers to `questions`, each with its documents' merged LoRA; questions with the same documents are batched.
+        """Answers to `questions`, each with its own documents' merged LoRA, `decode.batch_size` questions decoded
+        together (`generate` with one adapter per prompt: each row goes through its own merge alone).
 
         Missing document adapters are trained first (cache.ensure). Returns {"answers", "latency_s" (per question: the
-        seconds its group took to load, merge, generate and unload), "cost": {"encoded", "reused", "augment_seconds",
+        seconds its batch took to load, merge, generate and unload), "cost": {"encoded", "reused", "augment_seconds",
         "train_seconds", "answer_seconds"}}.
         """
         if mode not in MODES:
@@ -674,25 +687,21 @@ class ParametricRAG:
             raise ValueError(f"{len(questions)} questions but {len(docs_per_question)} document lists; give one list "
                              "per question")
         cost = self.cache.ensure([d for docs in docs_per_question for d in docs], lang)
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for q, docs in enumerate(docs_per_question):
-            groups.setdefault(tuple(sorted({self.cache.key(text, lang) for _, text in docs})), []).append(q)
+        keys = [sorted({self.cache.key(text, lang) for _, text in docs}) for docs in docs_per_question]
+        order = sorted(range(len(questions)), key=lambda q: keys[q])  # questions with the same documents share a merge
         answers, latency = [""] * len(questions), [0.0] * len(questions)
         stop = answer_marker(self.generator_settings, lang)
         tok = self.backbone.tokenizer
         began = time.perf_counter()
-        with lora_session(self.backbone, self.cache.settings):  # a bare backbone is wrapped once for all groups
-            for keys, members in groups.items():
-                start = time.perf_counter()
+        with lora_session(self.backbone, self.cache.settings):  # a bare backbone is wrapped once for all batches
+            for first in range(0, len(order), self.decode.batch_size):
+                start, members = time.perf_counter(), order[first:first + self.decode.batch_size]
                 prompts = [build_prompt(questions[q], [t for _, t in docs_per_question[q]]
                                         if mode == "parametric_docs" else [], lang, self.generator_settings, tok)
                            for q in members]
-                if keys:
-                    folders = [self.cache.dir / "adapters" / key for key in keys]
-                    with merged_documents(self.backbone, folders, self.cache.settings) as name:
-                        outputs = generate(self.backbone, prompts, self.decode, adapter=name, stop=stop)
-                else:  # a question without documents: the bare backbone
-                    outputs = generate(self.backbone, prompts, self.decode, adapter=None, stop=stop)
+                folders = [[self.cache.dir / "adapters" / key for key in keys[q]] for q in members]
+                with merged_document_sets(self.backbone, folders, self.cache.settings) as names:
+                    outputs = generate(self.backbone, prompts, self.decode, adapter=names, stop=stop)
                 for q, text in zip(members, outputs):
                     answers[q], latency[q] = text, time.perf_counter() - start
         return {"answers": answers, "latency_s": latency,
@@ -700,34 +709,80 @@ class ParametricRAG:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Measuring the self-augmentation
+# Measuring the self-augmentation and the answering
+
+def answer_benchmark(backbone: Backbone, ds: RetrievalDataset, n_questions: int, cache_dir: str | Path,
+                     decode: DecodeSettings, settings: PRAGSettings | None = None) -> dict:
+    """Parametric RAG on `n_questions` test questions of `ds` with an answer, each with the LoRAs of up to top_k of its
+    judged-relevant documents (trained into `cache_dir` first, reused after), answered in both modes one question at
+    a time and `decode.batch_size` together, timed in the same run. Returns per mode the seconds per question of each
+    and how many answers the two share; with "documents" and "encoded" (trained by this call)."""
+    gen = GeneratorSettings()
+    queries = generation_questions(ds, n_questions, 0)
+    text = dict(zip(ds.corpus["doc_id"], ds.passages("{title}: {text}")))
+    docs = [[(d, text[d]) for d in gold_documents(ds, q)[:gen.top_k]] for q in queries["qid"]]
+    cache = DocumentAdapterCache(cache_dir, backbone, settings or PRAGSettings())
+    made = cache.ensure([d for row in docs for d in row], ds.lang)
+    out = {"questions": len(queries), "documents": made["encoded"] + made["reused"], "encoded": made["encoded"]}
+    for mode in MODES:
+        timed = {}
+        for batch in (1, decode.batch_size):
+            rag = ParametricRAG(backbone, cache, gen, replace(decode, batch_size=batch))
+            began = time.perf_counter()
+            timed[batch] = rag.answer_many(list(queries["text"]), docs, ds.lang, mode)["answers"]
+            out[f"{mode}_s_per_question_batch_{batch}"] = (time.perf_counter() - began) / max(len(queries), 1)
+        out[f"{mode}_same_answers"] = sum(a == b for a, b in zip(timed[1], timed[decode.batch_size]))
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Print what the bare default backbone's self-augmentation yields on the first documents of each data set."""
+    """Print what the bare default backbone's self-augmentation yields on the first documents of each data set, and
+    with --answers, how fast Parametric RAG answers one question at a time and batched."""
     import argparse
 
+    from . import paths
     from .backbone import load_backbone
+    from .config import load_config
     from .data import load_dataset
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.prag", description=main.__doc__)
-    parser.add_argument("--docs", type=int, default=8, help="documents per data set (the first of the demo's corpus)")
+    parser.add_argument("--docs", type=int, default=8, help="documents per data set (the first of the demo's corpus); "
+                                                            "0: none")
+    parser.add_argument("--answers", type=int, default=0, help="test questions per data set to answer with their "
+                        "judged documents' LoRAs (cached in $BSHAREDRAG_CACHE/prag-bench), one at a time and batched "
+                        "as the demo's 07 decodes")
     parser.add_argument("--datasets", nargs="+", default=["ecomeval", "epqa"])
     args = parser.parse_args(argv)
     bb, settings = load_backbone(), PRAGSettings()
+    demo = load_config(paths.CONFIGS / "demo.yaml")["07_ablations"]
     for name in args.datasets:
         ds = load_dataset(name, 0, (0.7, 0.1, 0.2), 400, query_context=True)  # the demo's questions and corpus
         docs = list(ds.passages("{title}: {text}"))[:args.docs]
-        began = time.perf_counter()
-        out = augment_documents(bb, docs, ds.lang, settings)
-        seconds = time.perf_counter() - began
-        print(f"{name}: {len(docs)} documents, {seconds / len(docs):.1f} s a document; QA pairs "
-              f"{sum(len(o['qa']) for o in out)} of {len(docs) * settings.qa_pairs}, paraphrases "
-              f"{sum(len(o['paraphrases']) for o in out)} of {len(docs) * settings.paraphrases}, failures "
-              f"{[(f['kind'], f['reason']) for o in out for f in o['failed']]}, attempts {[o['attempts'] for o in out]}")
-        texts = [t for o in out for t in (*o["paraphrases"], *(x for qa in o["qa"] for x in qa.values()))]
-        print(f"  texts holding a repetition loop: {sum(bool(LOOP.search(t)) for t in texts)} of {len(texts)}")
-        for why, n in rejection_tally(out).items():
-            print(f"  rejected {n:3d}  {why}")
+        if docs:
+            began = time.perf_counter()
+            out = augment_documents(bb, docs, ds.lang, settings)
+            seconds = time.perf_counter() - began
+            print(f"{name}: {len(docs)} documents, {seconds / len(docs):.1f} s a document; QA pairs "
+                  f"{sum(len(o['qa']) for o in out)} of {len(docs) * settings.qa_pairs}, paraphrases "
+                  f"{sum(len(o['paraphrases']) for o in out)} of {len(docs) * settings.paraphrases}, failures "
+                  f"{[(f['kind'], f['reason']) for o in out for f in o['failed']]}, attempts "
+                  f"{[o['attempts'] for o in out]}")
+            texts = [t for o in out for t in (*o["paraphrases"], *(x for qa in o["qa"] for x in qa.values()))]
+            print(f"  texts holding a repetition loop: {sum(bool(LOOP.search(t)) for t in texts)} of {len(texts)}")
+            for why, n in rejection_tally(out).items():
+                print(f"  rejected {n:3d}  {why}")
+        if args.answers:
+            decode = DecodeSettings(max_new_tokens=demo[f"max_new_tokens_{ds.lang}"],
+                                    batch_size=demo["generation_batch_size"])
+            m = answer_benchmark(bb, ds, args.answers, paths.cache_dir() / "prag-bench", decode, settings)
+            print(f"{name}: Parametric RAG on {m['questions']} test questions, {m['documents']} document LoRAs "
+                  f"({m['encoded']} trained now), up to {decode.max_new_tokens} new tokens")
+            for mode in MODES:
+                one = m[f"{mode}_s_per_question_batch_1"]
+                batched = m[f"{mode}_s_per_question_batch_{decode.batch_size}"]
+                print(f"  {mode}: one question at a time {one:.2f} s a question, {decode.batch_size} together "
+                      f"{batched:.2f} s ({one / batched:.1f}x); the same answer for {m[f'{mode}_same_answers']} of "
+                      f"{m['questions']}")
     return 0
 
 

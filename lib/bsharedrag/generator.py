@@ -339,9 +339,6 @@ def _check_per_prompt_adapters(backbone: Backbone, adapters: list, n_prompts: in
     missing = sorted({a for a in adapters if a is not None and a not in attached})
     if missing:
         raise ValueError(f"adapters {missing} are not attached to the backbone; attach them before generating")
-    if not attached and backbone.fine_tuned is not None:
-        raise ValueError(f"the backbone holds the fine-tuned {backbone.fine_tuned['task']} copy, which cannot run per-"
-                         "prompt adapters; load a fresh backbone for that")
 
 
 def settings_from_config(cfg: dict) -> GeneratorSettings:

@@ -12,6 +12,7 @@ import pytest
 from bsharedrag import ablations, plots
 from bsharedrag.ablations import Ablation, Component, Retrieved
 from bsharedrag.generator import DecodeSettings, GeneratorSettings
+from bsharedrag.prag import ParametricRAG
 from matplotlib.collections import PolyCollection
 from matplotlib.container import ErrorbarContainer
 
@@ -387,12 +388,12 @@ class FakeCache:
         return 0.25
 
 
-class FakeRAG:
+class FakeRAG(ParametricRAG):  # the real cost figures (held_adapter_mb), a fake answering
     calls: list[str] = []
     fail: set[str] = set()
 
     def __init__(self, backbone, cache, generator_settings, decode):
-        pass
+        self.cache, self.generator_settings, self.decode = cache, generator_settings, decode
 
     def answer_many(self, questions, docs, lang, mode):
         FakeRAG.calls.append(mode)

@@ -193,6 +193,7 @@ def test_answering_leaves_the_backbone_and_its_adapters_as_they_were(bare, train
                 assert calls == expected and len(out["answers"]) == 3
                 assert all(isinstance(a, str) for a in out["answers"])
                 assert len(out["latency_s"]) == 3 and out["cost"]["encoded"] == 0 and out["cost"]["reused"] == 3
+            assert rag.held_adapter_mb(3) == pytest.approx(2 * 3 * min(batch, 3) * trained.adapter_mb())
         one = rag.answer(questions[0], DOCS[:1], "en", "parametric")
         assert isinstance(one["answer"], str) and one["latency_s"] > 0
     with pytest.raises(ValueError, match="'closed'"):
@@ -385,3 +386,15 @@ def test_repetition_loops_are_cut_after_their_first_occurrence_and_a_text_openin
     assert prag.clean_answer("ipad没有，所以问题是，ipad没有，所以问题是，ipad没有，所以问题是，", "zh") == ("", "a repetition loop")
     assert prag.clean_answer("有蓝牙5.2，有蓝牙5.2，有蓝牙5.2，有蓝牙5.2", "zh") == ("", "a repetition loop")
     assert prag.clean_answer("支持，支持蓝牙5.2，支持蓝牙5.2，支持蓝牙5.2", "zh") == ("支持，支持蓝牙5.2", "")
+
+
+def test_the_answer_benchmark_times_both_batchings_on_judged_documents_and_reuses_their_loras(bare, small_ecomeval,
+                                                                                            tmp_path):
+    decode = DecodeSettings(max_new_tokens=2, batch_size=2)
+    first = prag.answer_benchmark(bare[0], small_ecomeval, 2, tmp_path, decode, TINY)
+    assert first["questions"] == 2 and first["documents"] == first["encoded"] > 0
+    for mode in prag.MODES:
+        assert first[f"{mode}_s_per_question_batch_1"] > 0 and first[f"{mode}_s_per_question_batch_2"] > 0
+        assert 0 <= first[f"{mode}_same_answers"] <= 2
+    again = prag.answer_benchmark(bare[0], small_ecomeval, 2, tmp_path, decode, TINY)
+    assert again["encoded"] == 0 and again["documents"] == first["documents"]  # the cache's LoRAs, not retrained

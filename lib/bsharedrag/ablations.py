@@ -534,15 +534,14 @@ def prag_variant(ab: Ablation, seed: int, settings, datasets: list[str], n_quest
         rejected = rejection_tally(cache.augmentations(used, ds.lang))
         atomic_write_json(ab.out_dir / "variants" / tag / f"{name}_augmentation_rejections.json", rejected)
         print(f"{name}: self-augmentation outputs rejected, by attempt and check: {rejected or 'none recorded'}")
+        rag = ParametricRAG(bb, cache, gen, ab.decode[ds.lang])
         costs = {"trainable_parameters": retrieval.trainable + spent["documents"] * cache.adapter_parameters(),
                  "document_lora_parameters": cache.adapter_parameters(),
                  "training_seconds": retrieval.seconds + spent["seconds"],
                  "documents_encoded": spent["documents"], "documents_reused": made["reused"],
                  "document_encoding_seconds": spent["seconds"],
-                 # while a batch is merged, its questions' k loaded document LoRAs and their `cat` merges are all held
                  "inference_memory_mb": backbone_mb(bb) + folder_mb(retrieval.path) + found.index_mb[name]
-                 + 2 * gen.top_k * min(ab.decode[ds.lang].batch_size, len(queries)) * cache.adapter_mb()}
-        rag = ParametricRAG(bb, cache, gen, ab.decode[ds.lang])
+                 + rag.held_adapter_mb(len(queries))}
         for mode in PRAG_MODES:
             if row_of(f"prag_{mode}", name) is not None:
                 continue

@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +350,68 @@ def settings_from_config(cfg: dict) -> GeneratorSettings:
         micro_batch_size=s["micro_batch_size"], include_gold=s["include_gold"], doc_max_tokens=s["doc_max_tokens"],
         answer_max_tokens=s["answer_max_tokens"], prompt_en=s["prompt_en"], prompt_zh=s["prompt_zh"],
         save_every=s["save_every"], seed=cfg["common"]["seed"])
+
+
+def batch_agreement(backbone: Backbone, prompts: list[str], decode: DecodeSettings,
+                    batch_sizes: tuple[int, ...] = (1, 16), adapter: str | None = None) -> dict:
+    """The same prompts decoded at each of `batch_sizes`, timed in the same run: how many answers each batch size
+    shares with the first. Greedy decoding is deterministic for one batch size, but a batch's padding and shape change
+    the matmuls' rounding, and in bf16 that can tip a greedy choice. Returns {"answers": {size: [...]},
+    "seconds_per_prompt": {size: s}, "same_as_first": {size: n}, "prompts": n}."""
+    if not prompts:
+        raise ValueError("batch_agreement needs at least one prompt")
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes {batch_sizes!r} are invalid; give positive integers, e.g. (1, 16)")
+    answers, seconds = {}, {}
+    for size in batch_sizes:
+        began = time.perf_counter()
+        answers[size] = generate(backbone, prompts, replace(decode, batch_size=size), adapter=adapter)
+        seconds[size] = (time.perf_counter() - began) / len(prompts)
+    first = answers[batch_sizes[0]]
+    return {"prompts": len(prompts), "answers": answers, "seconds_per_prompt": seconds,
+            "same_as_first": {size: sum(a == b for a, b in zip(first, got)) for size, got in answers.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print how many of the default backbone's greedy answers to the demo's prompts (test questions with their gold
+    documents, the demo's decoding) stay the same when the prompts are decoded one at a time and batched, in each
+    compute dtype asked for."""
+    import argparse
+
+    from . import paths
+    from .backbone import load_backbone
+    from .config import load_config
+    from .data import load_dataset
+    from .evaluation import generation_questions
+
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.generator", description=main.__doc__)
+    parser.add_argument("--questions", type=int, default=16, help="test questions with an answer per data set")
+    parser.add_argument("--datasets", nargs="+", default=["ecomeval", "epqa"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="compute dtypes to compare")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None,
+                        help="the first is the reference (default: 1 and the demo's generation_batch_size)")
+    args = parser.parse_args(argv)
+    demo = load_config(paths.CONFIGS / "demo.yaml")
+    sizes = tuple(args.batch_sizes or (1, demo["07_ablations"]["generation_batch_size"]))
+    gen = GeneratorSettings(top_k=demo["04_generator"]["top_k"], doc_max_tokens=demo["04_generator"]["doc_max_tokens"])
+    for dtype in args.dtypes:
+        bb = load_backbone(compute_dtype=dtype)
+        for name in args.datasets:
+            ds = load_dataset(name, 0, (0.7, 0.1, 0.2), demo["common"]["max_questions"], query_context=True)
+            queries = generation_questions(ds, args.questions, 0)
+            text = dict(zip(ds.corpus["doc_id"], ds.passages(demo["common"]["passage_format"])))
+            prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:gen.top_k]], ds.lang, gen,
+                                    bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
+            decode = DecodeSettings(max_new_tokens=demo["07_ablations"][f"max_new_tokens_{ds.lang}"])
+            m = batch_agreement(bb, prompts, decode, sizes)
+            timing = ", ".join(f"batch {b}: {s:.2f} s a prompt" for b, s in m["seconds_per_prompt"].items())
+            same = ", ".join(f"batch {b}: {n} of {m['prompts']}" for b, n in m["same_as_first"].items()
+                             if b != sizes[0])
+            print(f"{name}, {bb.dtype} (the bare backbone, up to {decode.max_new_tokens} new tokens): the same "
+                  f"answer as at batch {sizes[0]} for {same}; {timing}", flush=True)
+        del bb
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -666,6 +666,11 @@ class ParametricRAG:
                              "ParametricRAG the cache of this backbone")
         self.backbone, self.cache, self.generator_settings, self.decode = backbone, cache, generator_settings, decode
 
+    def held_adapter_mb(self, n_questions: int) -> float:
+        """MB of document LoRAs held while a batch of `n_questions` (at most `decode.batch_size`) is merged: each
+        question's top_k loaded LoRAs and its `cat` merge, whose rank is their ranks' sum (`merged_document_sets`)."""
+        return 2 * self.generator_settings.top_k * min(self.decode.batch_size, n_questions) * self.cache.adapter_mb()
+
     def answer(self, question: str, doc_ids_texts: list[tuple[str, str]], lang: str,
                mode: str = "parametric") -> dict:
         """One question's answer, its latency and the cost figures (see answer_many)."""

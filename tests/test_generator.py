@@ -45,15 +45,15 @@ def fresh():
 def test_batch_agreement_decodes_the_same_prompts_at_each_batch_size_and_counts_shared_answers(tiny_backbone):
     prompts = ["Question: is it waterproof?\nAnswer:", "Question: how long?\nAnswer:", "Question: colour?\nAnswer:"]
     decode = DecodeSettings(max_new_tokens=4, batch_size=8)
-    m = batch_agreement(tiny_backbone, prompts, decode, (1, 2))
+    m = batch_agreement(lambda b: generate(tiny_backbone, prompts, replace(decode, batch_size=b)), (1, 2))
     for size in (1, 2):
         assert m["answers"][size] == generate(tiny_backbone, prompts, replace(decode, batch_size=size))
-    assert m["prompts"] == 3 and m["same_as_first"][1] == 3
+        assert m["seconds_per_answer"][size] > 0
+    assert m["answers_n"] == 3 and m["same_as_first"][1] == 3
     assert m["same_as_first"][2] == sum(a == b for a, b in zip(m["answers"][1], m["answers"][2]))
-    with pytest.raises(ValueError, match="at least one prompt"):
-        batch_agreement(tiny_backbone, [], decode)
+    assert batch_agreement(lambda b: ["x", str(b)], (1, 2, 3))["same_as_first"] == {1: 2, 2: 1, 3: 1}
     with pytest.raises(ValueError, match=r"batch_sizes \(1, 0\)"):
-        batch_agreement(tiny_backbone, prompts, decode, (1, 0))
+        batch_agreement(lambda b: [], (1, 0))
 
 
 def test_gold_documents_replace_the_lowest_ranked_retrieved_ones():

@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -352,23 +353,20 @@ def settings_from_config(cfg: dict) -> GeneratorSettings:
         save_every=s["save_every"], seed=cfg["common"]["seed"])
 
 
-def batch_agreement(backbone: Backbone, prompts: list[str], decode: DecodeSettings,
-                    batch_sizes: tuple[int, ...] = (1, 16), adapter: str | None = None) -> dict:
-    """The same prompts decoded at each of `batch_sizes`, timed in the same run: how many answers each batch size
-    shares with the first. Greedy decoding is deterministic for one batch size, but a batch's padding and shape change
-    the matmuls' rounding, and in bf16 that can tip a greedy choice. Returns {"answers": {size: [...]},
-    "seconds_per_prompt": {size: s}, "same_as_first": {size: n}, "prompts": n}."""
-    if not prompts:
-        raise ValueError("batch_agreement needs at least one prompt")
+def batch_agreement(answers_at: Callable[[int], list[str]], batch_sizes: tuple[int, ...] = (1, 16)) -> dict:
+    """The same questions answered at each of `batch_sizes` (`answers_at(batch_size)` answers them all), timed in the
+    same run: how many answers each batch size shares with the first. Greedy decoding is deterministic for one batch
+    size, but a batch's padding and shape change the matmuls' rounding, and in bf16 that can tip a greedy choice.
+    Returns {"answers": {size: [...]}, "seconds_per_answer": {size: s}, "same_as_first": {size: n}, "answers_n": n}."""
     if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes {batch_sizes!r} are invalid; give positive integers, e.g. (1, 16)")
     answers, seconds = {}, {}
     for size in batch_sizes:
         began = time.perf_counter()
-        answers[size] = generate(backbone, prompts, replace(decode, batch_size=size), adapter=adapter)
-        seconds[size] = (time.perf_counter() - began) / len(prompts)
+        answers[size] = answers_at(size)
+        seconds[size] = (time.perf_counter() - began) / max(len(answers[size]), 1)
     first = answers[batch_sizes[0]]
-    return {"prompts": len(prompts), "answers": answers, "seconds_per_prompt": seconds,
+    return {"answers_n": len(first), "answers": answers, "seconds_per_answer": seconds,
             "same_as_first": {size: sum(a == b for a, b in zip(first, got)) for size, got in answers.items()}}
 
 
@@ -393,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     demo = load_config(paths.CONFIGS / "demo.yaml")
     sizes = tuple(args.batch_sizes or (1, demo["07_ablations"]["generation_batch_size"]))
-    gen = GeneratorSettings(top_k=demo["04_generator"]["top_k"], doc_max_tokens=demo["04_generator"]["doc_max_tokens"])
+    gen = settings_from_config(demo)
     for dtype in args.dtypes:
         bb = load_backbone(compute_dtype=dtype)
         for name in args.datasets:
@@ -403,9 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:gen.top_k]], ds.lang, gen,
                                     bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
             decode = DecodeSettings(max_new_tokens=demo["07_ablations"][f"max_new_tokens_{ds.lang}"])
-            m = batch_agreement(bb, prompts, decode, sizes)
-            timing = ", ".join(f"batch {b}: {s:.2f} s a prompt" for b, s in m["seconds_per_prompt"].items())
-            same = ", ".join(f"batch {b}: {n} of {m['prompts']}" for b, n in m["same_as_first"].items()
+            m = batch_agreement(lambda b: generate(bb, prompts, replace(decode, batch_size=b)), sizes)
+            timing = ", ".join(f"batch {b}: {s:.2f} s a prompt" for b, s in m["seconds_per_answer"].items())
+            same = ", ".join(f"batch {b}: {n} of {m['answers_n']}" for b, n in m["same_as_first"].items()
                              if b != sizes[0])
             print(f"{name}, {bb.dtype} (the bare backbone, up to {decode.max_new_tokens} new tokens): the same "
                   f"answer as at batch {sizes[0]} for {same}; {timing}", flush=True)

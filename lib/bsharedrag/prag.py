@@ -25,8 +25,8 @@ from .backbone import Backbone
 from .data import RetrievalDataset
 from .devices import autocast
 from .evaluation import generation_questions
-from .generator import DecodeSettings, GeneratorSettings, answer_marker, build_prompt, cut_tokens, generate, \
-    gold_documents
+from .generator import DecodeSettings, GeneratorSettings, answer_marker, batch_agreement, build_prompt, cut_tokens, \
+    generate, gold_documents
 from .lm import IGNORE, causal_lm_nll
 from .progress import progress
 
@@ -730,13 +730,11 @@ def answer_benchmark(backbone: Backbone, ds: RetrievalDataset, n_questions: int,
     made = cache.ensure([d for row in docs for d in row], ds.lang)
     out = {"questions": len(queries), "documents": made["encoded"] + made["reused"], "encoded": made["encoded"]}
     for mode in MODES:
-        timed = {}
-        for batch in (1, decode.batch_size):
-            rag = ParametricRAG(backbone, cache, gen, replace(decode, batch_size=batch))
-            began = time.perf_counter()
-            timed[batch] = rag.answer_many(list(queries["text"]), docs, ds.lang, mode)["answers"]
-            out[f"{mode}_s_per_question_batch_{batch}"] = (time.perf_counter() - began) / max(len(queries), 1)
-        out[f"{mode}_same_answers"] = sum(a == b for a, b in zip(timed[1], timed[decode.batch_size]))
+        m = batch_agreement(lambda b: ParametricRAG(backbone, cache, gen, replace(decode, batch_size=b)).answer_many(
+            list(queries["text"]), docs, ds.lang, mode)["answers"], (1, decode.batch_size))
+        for batch, seconds in m["seconds_per_answer"].items():
+            out[f"{mode}_s_per_question_batch_{batch}"] = seconds
+        out[f"{mode}_same_answers"] = m["same_as_first"][decode.batch_size]
     return out
 
 

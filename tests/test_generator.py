@@ -20,6 +20,7 @@ from bsharedrag.generator import (
     batch_agreement,
     build_prompt,
     context_documents,
+    decode_settings,
     generate,
     no_recomputation,
     save_generation_adapter,
@@ -54,6 +55,17 @@ def test_batch_agreement_decodes_the_same_prompts_at_each_batch_size_and_counts_
     assert batch_agreement(lambda b: ["x", str(b)], (1, 2, 3))["same_as_first"] == {1: 2, 2: 1, 3: 1}
     with pytest.raises(ValueError, match=r"batch_sizes \(1, 0\)"):
         batch_agreement(lambda b: [], (1, 0))
+
+
+def test_decode_settings_read_a_config_section_per_language_with_the_defaults_where_it_is_silent():
+    section = {"max_new_tokens_en": 48, "max_new_tokens_zh": 96, "generation_batch_size": 16, "do_sample": True}
+    assert decode_settings(section, "zh", seed=3) == DecodeSettings(max_new_tokens=96, do_sample=True, batch_size=16,
+                                                                    seed=3)
+    assert decode_settings(section, "en", batch_size=1) == DecodeSettings(max_new_tokens=48, do_sample=True,
+                                                                          batch_size=1)
+    assert decode_settings({}, "en") == DecodeSettings()
+    with pytest.raises(ValueError, match="'fr'"):
+        decode_settings(section, "fr")
 
 
 def test_gold_documents_replace_the_lowest_ranked_retrieved_ones():

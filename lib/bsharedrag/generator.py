@@ -80,6 +80,17 @@ class DecodeSettings:
     seed: int = 0
 
 
+def decode_settings(section: dict, lang: str, seed: int = 0, batch_size: int | None = None) -> DecodeSettings:
+    """How a 06_evaluate or 07_ablations config section decodes answers in `lang`: its `max_new_tokens_<lang>`,
+    `do_sample` and `generation_batch_size` (`batch_size` overrides the last), DecodeSettings' defaults where absent."""
+    if lang not in ("en", "zh"):
+        raise ValueError(f"no answer length for language {lang!r}; the data sets are en or zh")
+    default = DecodeSettings()
+    return DecodeSettings(max_new_tokens=section.get(f"max_new_tokens_{lang}", default.max_new_tokens),
+                          do_sample=section.get("do_sample", default.do_sample),
+                          batch_size=batch_size or section.get("generation_batch_size", default.batch_size), seed=seed)
+
+
 def gold_documents(ds: RetrievalDataset, qid: str) -> list[str]:
     """The question's judged-relevant documents, best graded first."""
     judged = ds.qrels.get(qid, {})
@@ -379,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import paths
     from .backbone import load_backbone
     from .config import load_config
-    from .data import load_dataset
+    from .data import load_sets
     from .evaluation import generation_questions
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.generator", description=main.__doc__)
@@ -394,13 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = settings_from_config(demo)
     for dtype in args.dtypes:
         bb = load_backbone(compute_dtype=dtype)
-        for name in args.datasets:
-            ds = load_dataset(name, 0, (0.7, 0.1, 0.2), demo["common"]["max_questions"], query_context=True)
+        for name, ds in load_sets(demo["common"], args.datasets).items():
             queries = generation_questions(ds, args.questions, 0)
             text = dict(zip(ds.corpus["doc_id"], ds.passages(demo["common"]["passage_format"])))
             prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:gen.top_k]], ds.lang, gen,
                                     bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
-            decode = DecodeSettings(max_new_tokens=demo["07_ablations"][f"max_new_tokens_{ds.lang}"])
+            decode = decode_settings(demo["07_ablations"], ds.lang)
             m = batch_agreement(lambda b: generate(bb, prompts, replace(decode, batch_size=b)), sizes)
             timing = ", ".join(f"batch {b}: {s:.2f} s a prompt" for b, s in m["seconds_per_answer"].items())
             same = ", ".join(f"batch {b}: {n} of {m['answers_n']}" for b, n in m["same_as_first"].items()

@@ -21,6 +21,7 @@ from .generator import (
     answer_marker,
     attach_generation_adapter,
     build_prompt,
+    decode_settings,
     generate,
 )
 from .index import check_queries, load_dense_index, search_dense, to_gpus
@@ -90,9 +91,7 @@ class BSharedRAG:
                                   adapter_id=adapter_identity(retrieval_dir))
         expected = {**encoder.identity, "corpus_hash": corpus_hash(ds, common["passage_format"])}
         index, doc_of, _ = load_dense_index(run_dir / "05_index" / "indexes" / name / RETRIEVER_SYSTEM, expected)
-        section = cfg.get("06_evaluate", {})
-        decode = decode or DecodeSettings(
-            max_new_tokens=section.get(f"max_new_tokens_{ds.lang}", 128), batch_size=1, seed=common["seed"])
+        decode = decode or decode_settings(cfg.get("06_evaluate", {}), ds.lang, common["seed"], batch_size=1)
         return cls(bb, encoder, to_gpus(index), doc_of, ds, generator, decode, common["passage_format"],
                    None if shared else gen_bb)
 

@@ -26,7 +26,7 @@ from .data import RetrievalDataset
 from .devices import autocast
 from .evaluation import generation_questions
 from .generator import DecodeSettings, GeneratorSettings, answer_marker, batch_agreement, build_prompt, cut_tokens, \
-    generate, gold_documents
+    decode_settings, generate, gold_documents
 from .lm import IGNORE, causal_lm_nll
 from .progress import progress
 
@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import paths
     from .backbone import load_backbone
     from .config import load_config
-    from .data import load_dataset
+    from .data import load_sets
 
     parser = argparse.ArgumentParser(prog="python -m bsharedrag.prag", description=main.__doc__)
     parser.add_argument("--docs", type=int, default=8, help="documents per data set (the first of the demo's corpus); "
@@ -757,10 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["ecomeval", "epqa"])
     args = parser.parse_args(argv)
     bb, settings = load_backbone(), PRAGSettings()
-    demo = load_config(paths.CONFIGS / "demo.yaml")["07_ablations"]
-    for name in args.datasets:
-        ds = load_dataset(name, 0, (0.7, 0.1, 0.2), 400, query_context=True)  # the demo's questions and corpus
-        docs = list(ds.passages("{title}: {text}"))[:args.docs]
+    demo = load_config(paths.CONFIGS / "demo.yaml")
+    for name, ds in load_sets(demo["common"], args.datasets).items():  # the demo's questions and corpus
+        docs = list(ds.passages(demo["common"]["passage_format"]))[:args.docs]
         if docs:
             began = time.perf_counter()
             out = augment_documents(bb, docs, ds.lang, settings)
@@ -775,8 +774,7 @@ def main(argv: list[str] | None = None) -> int:
             for why, n in rejection_tally(out).items():
                 print(f"  rejected {n:3d}  {why}")
         if args.answers:
-            decode = DecodeSettings(max_new_tokens=demo[f"max_new_tokens_{ds.lang}"],
-                                    batch_size=demo["generation_batch_size"])
+            decode = decode_settings(demo["07_ablations"], ds.lang)
             m = answer_benchmark(bb, ds, args.answers, paths.cache_dir() / "prag-bench", decode, settings)
             print(f"{name}: Parametric RAG on {m['questions']} test questions, {m['documents']} document LoRAs "
                   f"({m['encoded']} trained now), up to {decode.max_new_tokens} new tokens")

@@ -98,6 +98,34 @@ def test_a_retrieval_copy_trains_only_its_top_layers_and_round_trips(retrieval_c
     assert again["losses"] == out["losses"] and not changed(state(bb), resumed)
 
 
+def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_copy):
+    root, bb, *_ = retrieval_copy
+    folder = root / "retrieval_copy"
+
+    def held_in_bf16() -> Backbone:
+        base = fresh()
+        return Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
+
+    def megabytes(b: Backbone) -> int:
+        return sum(p.numel() * p.element_size() for p in b.model.parameters())
+
+    served = held_in_bf16()
+    bare = megabytes(served)
+    load_copy(served, folder, task="retrieval")
+    assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16} and megabytes(served) == bare
+    trained = bb.model.state_dict()
+    assert all(torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in served.model.state_dict().items()
+               if k.startswith(TOP))
+    # As the copy embedded with its fp32 master layers under the same autocast: only the norms' rounding differs.
+    master = held_in_bf16()
+    for name in saved_keys(folder / WEIGHTS):
+        master.model.get_parameter(name).data = trained[name].clone()
+    texts = ["is it waterproof?", "battery life of the charger"]
+    a, b = embed(served, texts)["last"], embed(master, texts)["last"]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.999
+
+
 def test_a_copy_names_its_own_weights_in_manifests_and_the_embedding_cache(retrieval_copy):
     root, bb, *_ = retrieval_copy
     base = BackboneEncoder(fresh()).identity

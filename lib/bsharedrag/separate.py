@@ -88,7 +88,8 @@ def _identity(task: str, sha: str) -> str:
 
 def load_copy(backbone: Backbone, copy_dir: str | Path,
               task: str | None = None) -> RetrieverSettings | GeneratorSettings:
-    """Load a saved copy's layers into `backbone`, the base it was made from, and return its training settings.
+    """Load a saved copy's layers into `backbone`, the base it was made from, in the dtype the backbone holds its
+    weights in, and return its training settings.
 
     Refuses a copy of another task, backbone or tokenizer, or whose layers file does not match its sha256, before it
     touches the backbone; loading the copy the backbone already holds again changes nothing.
@@ -125,10 +126,11 @@ def load_copy(backbone: Backbone, copy_dir: str | Path,
     if unknown:
         raise ValueError(f"the copy at {copy_dir} holds tensors {backbone.name} lacks ({unknown[:3]}); fine-tune "
                          f"the copy again with {made_by}")
-    for name, tensor in tensors.items():  # the layers keep the dtype they were trained in (fp32 master weights)
-        param = backbone.model.get_parameter(name)
-        param.data = param.data.to(tensor.dtype)
-    backbone.model.load_state_dict(tensors, strict=False)
+    # The copy serves in the dtype the backbone holds its weights in (bf16 where that is the compute dtype), as an
+    # attached adapter does. Its fp32 master weights would double the copy's memory against the shared backbone's,
+    # and under autocast every matmul sees bf16 weights either way (cast at each forward).
+    held = backbone.model.get_input_embeddings().weight.dtype
+    backbone.model.load_state_dict({name: t.to(held) for name, t in tensors.items()}, strict=False)
     backbone.model.eval()
     backbone.fine_tuned = {"task": meta["task"], "identity": identity}
     return settings_type(**meta["settings"])

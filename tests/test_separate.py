@@ -116,10 +116,11 @@ def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_
     trained = bb.model.state_dict()
     assert all(torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in served.model.state_dict().items()
                if k.startswith(TOP))
-    # As the copy embedded with its fp32 master layers under the same autocast: only the norms' rounding differs.
+    # As the copy embeds with its fp32 master layers under the same autocast: only the norms' rounding differs.
     master = held_in_bf16()
-    for name in saved_keys(folder / WEIGHTS):
-        master.model.get_parameter(name).data = trained[name].clone()
+    load_copy(master, folder, master_weights=True)
+    assert all(torch.equal(master.model.get_parameter(k), trained[k]) for k in saved_keys(folder / WEIGHTS))
+    assert megabytes(master) > bare
     texts = ["is it waterproof?", "battery life of the charger"]
     a, b = embed(served, texts)["last"], embed(master, texts)["last"]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -9,9 +9,11 @@ A copy is saved as its trained layers alone and loaded onto the base backbone it
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from .artefacts import atomic_dir, atomic_write_json, sha256_file
@@ -86,10 +88,11 @@ def _identity(task: str, sha: str) -> str:
     return f"{task}-copy:{sha[:16]}"
 
 
-def load_copy(backbone: Backbone, copy_dir: str | Path,
-              task: str | None = None) -> RetrieverSettings | GeneratorSettings:
+def load_copy(backbone: Backbone, copy_dir: str | Path, task: str | None = None,
+              master_weights: bool = False) -> RetrieverSettings | GeneratorSettings:
     """Load a saved copy's layers into `backbone`, the base it was made from, in the dtype the backbone holds its
-    weights in, and return its training settings.
+    weights in (with `master_weights`, in their fp32 master weights: what it did before 3282b11, for comparison), and
+    return its training settings.
 
     Refuses a copy of another task, backbone or tokenizer, or whose layers file does not match its sha256, before it
     touches the backbone; loading the copy the backbone already holds again changes nothing.
@@ -129,8 +132,64 @@ def load_copy(backbone: Backbone, copy_dir: str | Path,
     # The copy serves in the dtype the backbone holds its weights in (bf16 where that is the compute dtype), as an
     # attached adapter does. Its fp32 master weights would double the copy's memory against the shared backbone's,
     # and under autocast every matmul sees bf16 weights either way (cast at each forward).
-    held = backbone.model.get_input_embeddings().weight.dtype
-    backbone.model.load_state_dict({name: t.to(held) for name, t in tensors.items()}, strict=False)
+    held = torch.float32 if master_weights else backbone.model.get_input_embeddings().weight.dtype
+    for name, tensor in tensors.items():
+        param = backbone.model.get_parameter(name)
+        param.data = tensor.to(device=param.device, dtype=held)
     backbone.model.eval()
     backbone.fine_tuned = {"task": meta["task"], "identity": identity}
     return settings_type(**meta["settings"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a run's Separate RAG generation copy both ways in one process, in the dtype the backbone holds its weights
+    in and with its fp32 master layers, and print the weights' MB, seconds a question and how many greedy answers the
+    two share, on test questions with their gold documents at the run's 07 decoding."""
+    import argparse
+
+    from .backbone import load_backbone
+    from .config import load_config
+    from .data import load_sets
+    from .evaluation import generation_questions
+    from .generator import build_prompt, decode_settings, generate, gold_documents
+    from .pipeline import run_backbone
+
+    parser = argparse.ArgumentParser(prog="python -m bsharedrag.separate", description=main.__doc__)
+    parser.add_argument("run_dir", help="outputs/<run_id> whose 07 trained separate_backbones")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed of the copy")
+    parser.add_argument("--questions", type=int, default=30, help="test questions with an answer per data set")
+    args = parser.parse_args(argv)
+    run = Path(args.run_dir)
+    folder = run / "07_ablations" / "components" / "separate" / f"seed{args.seed}" / "generation_copy"
+    read_copy_meta(folder)  # refuses a run without the copy (an archived run keeps no weights) before any loading
+    cfg = load_config(run / "resolved.yaml")
+    served = {}
+    for master in (False, True):
+        bb = load_backbone(run_backbone(run, cfg), compute_dtype=cfg["common"]["compute_dtype"])
+        served["fp32 master layers" if master else "held dtype"] = (bb, load_copy(bb, folder, GENERATION_ADAPTER,
+                                                                                    master_weights=master))
+    for name, (bb, _) in served.items():
+        mb = sum(p.numel() * p.element_size() for p in bb.model.parameters()) / 2**20
+        print(f"{name}: weights {mb:.0f} MB ({', '.join(sorted({str(p.dtype) for p in bb.model.parameters()}))})")
+    for ds_name, ds in load_sets(cfg["common"]).items():
+        queries = generation_questions(ds, args.questions, 0)
+        text = dict(zip(ds.corpus["doc_id"], ds.passages(cfg["common"]["passage_format"])))
+        decode = decode_settings(cfg["07_ablations"], ds.lang)
+        seconds, answers = {name: [] for name in served}, {}
+        for order in (list(served), list(served)[::-1]):  # both orders: the machine drifts less within a pair
+            for name in order:
+                bb, settings = served[name]
+                prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:settings.top_k]], ds.lang,
+                                        settings, bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
+                began = time.perf_counter()
+                answers[name] = generate(bb, prompts, decode, GENERATION_ADAPTER)
+                seconds[name].append((time.perf_counter() - began) / len(prompts))
+        first, second = answers.values()
+        print(f"{ds_name}, {len(first)} test questions with their gold documents: " +
+              ", ".join(f"{name} {min(s):.3f} s a question" for name, s in seconds.items()) +
+              f"; the same answer for {sum(a == b for a, b in zip(first, second))} of {len(first)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

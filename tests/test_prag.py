@@ -90,6 +90,16 @@ def test_cat_merge_equals_each_documents_scaled_BA_added_by_hand(bare, trained):
     assert not isinstance(bb.model, PeftModel)  # the bare backbone was wrapped for the merge and unwrapped after
 
 
+def test_merged_document_loras_serve_in_the_backbones_dtype(bare, trained):
+    # peft loads each document's LoRA in fp32 but builds the merge in the base layers' dtype: answering in bf16 casts
+    # no LoRA input to fp32 and back (what adapters.attach_adapter avoids by loading in the backbone's dtype).
+    bb, untouched = bare
+    held = Backbone(bb.name, copy.deepcopy(untouched).to(torch.bfloat16), bb.tokenizer, bb.device, torch.bfloat16)
+    folders = [trained.adapter_dir(text, "en") for _, text in DOCS[:2]]
+    with merged_document_sets(held, [folders], TINY) as (name,):
+        assert {p.dtype for n, p in held.model.named_parameters() if f".{name}." in n} == {torch.bfloat16}
+
+
 def test_each_row_of_a_batch_goes_through_its_own_documents_merge_alone(bare, trained):
     bb = bare[0]
     two, one = [trained.adapter_dir(t, "en") for _, t in DOCS[:2]], [trained.adapter_dir(DOCS[2][1], "en")]

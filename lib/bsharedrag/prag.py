@@ -472,8 +472,9 @@ def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict
 def merged_document_sets(backbone: Backbone, sets: list[list[Path]], settings: PRAGSettings) -> Iterator[list]:
     """Each set's document LoRAs loaded and merged exactly into one adapter (peft `cat`); yields the merges' names, one
     per set (None for an empty set), for a batch whose every question answers with its own documents (`generate` with
-    one adapter per prompt). Each document is loaded once however many sets hold it and dropped once merged; all is
-    removed after.
+    one adapter per prompt). A set's documents are loaded, merged and dropped before the next set's are loaded (a
+    document two sets share is loaded twice): every adapter peft adds walks every module of every adapter the model
+    holds, so holding a batch's ~40 documents at once cost more than the loads saved. All is removed after.
 
     `cat` concatenates the ranks (A_i scaled by its weight 1.0 and its own alpha/r), so the merged delta is exactly
     sum_i scale * B_i A_i. For one document peft merges by `linear` instead (sqrt(scale) on A and on B), also exact.
@@ -485,14 +486,14 @@ def merged_document_sets(backbone: Backbone, sets: list[list[Path]], settings: P
         taken = [n for n in (*loaded.values(), *merged.values()) if n in model.peft_config]
         if taken:
             raise ValueError(f"the backbone already carries adapters {taken}; PRAG needs these names free")
-        for folder, name in loaded.items():
-            model.load_adapter(str(folder), adapter_name=name, torch_device=str(backbone.device))
         for s, name in merged.items():
+            for folder in dict.fromkeys(s):
+                model.load_adapter(str(folder), adapter_name=loaded[folder], torch_device=str(backbone.device))
             # add_weighted_adapter silently does nothing when the name exists: it was checked free above
             model.add_weighted_adapter([loaded[f] for f in s], weights=[1.0] * len(s), adapter_name=name,
                                        combination_type="cat")
-        for name in loaded.values():
-            model.delete_adapter(name)
+            for folder in dict.fromkeys(s):
+                model.delete_adapter(loaded[folder])
         yield [merged.get(tuple(s)) for s in sets]
 
 
@@ -667,9 +668,13 @@ class ParametricRAG:
         self.backbone, self.cache, self.generator_settings, self.decode = backbone, cache, generator_settings, decode
 
     def held_adapter_mb(self, n_questions: int) -> float:
-        """MB of document LoRAs held while a batch of `n_questions` (at most `decode.batch_size`) is merged: each
-        question's top_k loaded LoRAs and its `cat` merge, whose rank is their ranks' sum (`merged_document_sets`)."""
-        return 2 * self.generator_settings.top_k * min(self.decode.batch_size, n_questions) * self.cache.adapter_mb()
+        """MB of document LoRAs held at most while a batch of `n_questions` (at most `decode.batch_size`) is merged
+        (`merged_document_sets`): each question's `cat` merge, whose rank is its top_k documents' ranks summed, in the
+        dtype the backbone holds its weights in (peft builds it so), and the one question's top_k documents loaded for
+        the merge being made (in their saved dtype)."""
+        k, merges = self.generator_settings.top_k, min(self.decode.batch_size, n_questions)
+        held = next(p for n, p in self.backbone.model.named_parameters() if "lora_" not in n).element_size()
+        return merges * k * self.cache.adapter_parameters() * held / 2**20 + k * self.cache.adapter_mb()
 
     def answer(self, question: str, doc_ids_texts: list[tuple[str, str]], lang: str,
                mode: str = "parametric") -> dict:

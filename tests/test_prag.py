@@ -406,5 +406,6 @@ def test_the_answer_benchmark_times_both_batchings_on_judged_documents_and_reuse
     for mode in prag.MODES:
         assert first[f"{mode}_s_per_question_batch_1"] > 0 and first[f"{mode}_s_per_question_batch_2"] > 0
         assert 0 <= first[f"{mode}_same_answers"] <= 2
+    assert first["held_adapter_mb_batch_2"] == pytest.approx(3 / 2 * first["held_adapter_mb_batch_1"])  # fp32
     again = prag.answer_benchmark(bare[0], small_ecomeval, 2, tmp_path, decode, TINY)
     assert again["encoded"] == 0 and again["documents"] == first["documents"]  # the cache's LoRAs, not retrained

@@ -726,7 +726,8 @@ def answer_benchmark(backbone: Backbone, ds: RetrievalDataset, n_questions: int,
     """Parametric RAG on `n_questions` test questions of `ds` with an answer, each with the LoRAs of up to top_k of its
     judged-relevant documents (trained into `cache_dir` first, reused after), answered in both modes one question at
     a time and `decode.batch_size` together, timed in the same run. Returns per mode the seconds per question of each
-    and how many answers the two share; with "documents" and "encoded" (trained by this call)."""
+    and how many answers the two share; with "documents", "encoded" (trained by this call) and the MB of document
+    LoRAs held at each batch size (`held_adapter_mb_batch_<b>`)."""
     gen = GeneratorSettings()
     queries = generation_questions(ds, n_questions, 0)
     text = dict(zip(ds.corpus["doc_id"], ds.passages("{title}: {text}")))
@@ -734,6 +735,9 @@ def answer_benchmark(backbone: Backbone, ds: RetrievalDataset, n_questions: int,
     cache = DocumentAdapterCache(cache_dir, backbone, settings or PRAGSettings())
     made = cache.ensure([d for row in docs for d in row], ds.lang)
     out = {"questions": len(queries), "documents": made["encoded"] + made["reused"], "encoded": made["encoded"]}
+    for batch in (1, decode.batch_size):
+        rag = ParametricRAG(backbone, cache, gen, replace(decode, batch_size=batch))
+        out[f"held_adapter_mb_batch_{batch}"] = rag.held_adapter_mb(len(queries))
     for mode in MODES:
         m = batch_agreement(lambda b: ParametricRAG(backbone, cache, gen, replace(decode, batch_size=b)).answer_many(
             list(queries["text"]), docs, ds.lang, mode)["answers"], (1, decode.batch_size))
@@ -782,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
             decode = decode_settings(demo["07_ablations"], ds.lang)
             m = answer_benchmark(bb, ds, args.answers, paths.cache_dir() / "prag-bench", decode, settings)
             print(f"{name}: Parametric RAG on {m['questions']} test questions, {m['documents']} document LoRAs "
-                  f"({m['encoded']} trained now), up to {decode.max_new_tokens} new tokens")
+                  f"({m['encoded']} trained now), up to {decode.max_new_tokens} new tokens; document LoRAs held at "
+                  f"most: {m['held_adapter_mb_batch_1']:.1f} MB one question at a time, "
+                  f"{m[f'held_adapter_mb_batch_{decode.batch_size}']:.1f} MB {decode.batch_size} together")
             for mode in MODES:
                 one = m[f"{mode}_s_per_question_batch_1"]
                 batched = m[f"{mode}_s_per_question_batch_{decode.batch_size}"]

@@ -171,18 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, (bb, _) in served.items():
         mb = sum(p.numel() * p.element_size() for p in bb.model.parameters()) / 2**20
         print(f"{name}: weights {mb:.0f} MB ({', '.join(sorted({str(p.dtype) for p in bb.model.parameters()}))})")
+    bb, settings = served["held dtype"]  # the same copy both ways: one set of prompts
     for ds_name, ds in load_sets(cfg["common"]).items():
         queries = generation_questions(ds, args.questions, 0)
         text = dict(zip(ds.corpus["doc_id"], ds.passages(cfg["common"]["passage_format"])))
+        prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:settings.top_k]], ds.lang, settings,
+                                bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
         decode = decode_settings(cfg["07_ablations"], ds.lang)
         seconds, answers = {name: [] for name in served}, {}
         for order in (list(served), list(served)[::-1]):  # both orders: the machine drifts less within a pair
             for name in order:
-                bb, settings = served[name]
-                prompts = [build_prompt(q, [text[d] for d in gold_documents(ds, qid)[:settings.top_k]], ds.lang,
-                                        settings, bb.tokenizer) for q, qid in zip(queries["text"], queries["qid"])]
                 began = time.perf_counter()
-                answers[name] = generate(bb, prompts, decode, GENERATION_ADAPTER)
+                answers[name] = generate(served[name][0], prompts, decode, GENERATION_ADAPTER)
                 seconds[name].append((time.perf_counter() - began) / len(prompts))
         first, second = answers.values()
         print(f"{ds_name}, {len(first)} test questions with their gold documents: " +

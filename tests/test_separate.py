@@ -106,13 +106,13 @@ def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_
         base = fresh()
         return Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
 
-    def megabytes(b: Backbone) -> int:
+    def weight_bytes(b: Backbone) -> int:
         return sum(p.numel() * p.element_size() for p in b.model.parameters())
 
     served = held_in_bf16()
-    bare = megabytes(served)
+    bare = weight_bytes(served)
     load_copy(served, folder, task="retrieval")
-    assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16} and megabytes(served) == bare
+    assert {p.dtype for p in served.model.parameters()} == {torch.bfloat16} and weight_bytes(served) == bare
     trained = bb.model.state_dict()
     assert all(torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in served.model.state_dict().items()
                if k.startswith(TOP))
@@ -120,7 +120,7 @@ def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_
     master = held_in_bf16()
     load_copy(master, folder, master_weights=True)
     assert all(torch.equal(master.model.get_parameter(k), trained[k]) for k in saved_keys(folder / WEIGHTS))
-    assert megabytes(master) > bare
+    assert weight_bytes(master) > bare
     texts = ["is it waterproof?", "battery life of the charger"]
     a, b = embed(served, texts)["last"], embed(master, texts)["last"]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     two share, on test questions with their gold documents at the run's 07 decoding."""
     import argparse
 
+    from .ablations import backbone_mb
     from .backbone import load_backbone
     from .config import load_config
     from .data import load_sets
@@ -169,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         served["fp32 master layers" if master else "held dtype"] = (bb, load_copy(bb, folder, GENERATION_ADAPTER,
                                                                                     master_weights=master))
     for name, (bb, _) in served.items():
-        mb = sum(p.numel() * p.element_size() for p in bb.model.parameters()) / 2**20
-        print(f"{name}: weights {mb:.0f} MB ({', '.join(sorted({str(p.dtype) for p in bb.model.parameters()}))})")
+        print(f"{name}: weights {backbone_mb(bb):.0f} MB ({', '.join(sorted({str(p.dtype) for p in bb.model.parameters()}))})")
     bb, settings = served["held dtype"]  # the same copy both ways: one set of prompts
     for ds_name, ds in load_sets(cfg["common"]).items():
         queries = generation_questions(ds, args.questions, 0)

@@ -423,7 +423,7 @@ def test_parametric_rag_rows_are_kept_as_they_finish_and_compared_on_the_same_qu
                  "training_seconds": 1.0, "inference_memory_mb": 9.0, "seconds_per_question": 0.5,
                  "answers_file": "06_evaluate/generations/ecomeval.jsonl", "answers_system": variant}]
 
-    bb = type("FakeBackbone", (), {"model": torch.nn.Linear(4, 4)})()
+    bb = type("FakeBackbone", (), {"model": torch.nn.Linear(4, 4), "held_dtype": torch.float32})()
     monkeypatch.setattr(ablations, "adapted_variant", lambda *a: saved_row("bsharedrag", 0.9))
     monkeypatch.setattr(ablations, "base_rag_variant", lambda *a: saved_row("base_rag", 0.8))
     monkeypatch.setattr(ablations, "retrieval_adapter", lambda *a: Component(tmp_path / "retrieval", 100, 2.0))

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -125,13 +126,42 @@ def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_
     a, b = embed(served, texts)["last"], embed(master, texts)["last"]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.999
+    # Close is not equal: the two servings name themselves apart in manifests and the embedding cache.
+    named = {BackboneEncoder(b).identity["adapter"] for b in (served, master)}
+    assert named == {f"{copy_identity(folder)}@bfloat16", f"{copy_identity(folder)}@float32"}
+
+
+def test_07_builds_a_copys_index_again_when_the_copy_serves_in_another_dtype(retrieval_copy, small_epqa, capsys):
+    from bsharedrag import ablations
+    from test_plots import fake_ablation
+
+    root, *_ = retrieval_copy
+    run = root.parent / "run07"
+    ab = fake_ablation(run, {"epqa": small_epqa})
+
+    def served(master: bool) -> Backbone:
+        base = fresh()
+        bb = Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
+        load_copy(bb, root / "retrieval_copy", master_weights=master)
+        return bb
+
+    manifest = ab.out_dir / "indexes" / "t" / "epqa" / "separate_backbones" / "manifest.json"
+    ablations.retrieval_scores(ab, served(master=True), "separate_backbones", root, "t")
+    assert json.loads(manifest.read_text())["adapter"].endswith("@float32")
+    ablations.retrieval_scores(ab, served(master=True), "separate_backbones", root, "t")
+    assert "building it again" not in capsys.readouterr().out  # a matching index is searched as saved
+    found = ablations.retrieval_scores(ab, served(master=False), "separate_backbones", root, "t")
+    assert "does not match the encoder in use (adapter: built with" in capsys.readouterr().out
+    assert json.loads(manifest.read_text())["adapter"].endswith("@bfloat16")
+    assert 0 <= found.scores["epqa"]["ndcg@5"] <= 1
 
 
 def test_a_copy_names_its_own_weights_in_manifests_and_the_embedding_cache(retrieval_copy):
     root, bb, *_ = retrieval_copy
     base = BackboneEncoder(fresh()).identity
     copy = _encoder("separate_backbones", fresh(), EncodeSettings(adapter_root=str(root))).identity
-    assert copy["adapter"] == copy_identity(root / "retrieval_copy") and copy["adapter"].startswith("retrieval-copy:")
+    assert copy["adapter"] == f"{copy_identity(root / 'retrieval_copy')}@float32"
+    assert copy["adapter"].startswith("retrieval-copy:")
     assert copy["backbone_fingerprint"] == base["backbone_fingerprint"] and base["adapter"] is None
     assert BackboneEncoder(bb).identity["adapter"] == copy["adapter"]  # the trained backbone, as saved
     unsaved = fresh()

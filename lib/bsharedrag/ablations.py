@@ -266,9 +266,10 @@ def retrieval_scores(ab: Ablation, bb: Backbone | None, system: str, adapter_roo
     """`system` on the test split, with the size of the index it searched per data set.
 
     With `adapter_root` None the run's own index (05) is searched; otherwise the corpus is encoded with the adapter
-    under `adapter_root` (shards cached by adapter) and indexed under 07 with 05's index_factory.
+    under `adapter_root` (shards cached by adapter) and indexed under 07 with 05's index_factory, again where 07's
+    saved index no longer matches the encoder (a rerun under code that serves the weights otherwise).
     """
-    from .systems import build_indexes
+    from .systems import build_indexes, index_mismatch
 
     out_dir = ab.out_dir / "variants" / tag
     index_root = ab.run_dir / "05_index" / "indexes"
@@ -276,7 +277,11 @@ def retrieval_scores(ab: Ablation, bb: Backbone | None, system: str, adapter_roo
     if adapter_root is not None:
         index_root = ab.out_dir / "indexes" / tag
         for ds in ab.sets.values():
-            if not (index_root / ds.name / system / "manifest.json").is_file():
+            diffs = index_mismatch(ds, system, index_root, encode, bb)
+            if diffs:
+                print(f"07's {system} index of {ds.name} ({tag}) does not match the encoder in use "
+                      f"({'; '.join(diffs)}); building it again")
+            if diffs is None or diffs:
                 build_indexes(ds, [system], index_root, encode, bb)
     start = time.perf_counter()
     depth = max(10, generator_settings(ab.cfg).top_k)

@@ -35,11 +35,18 @@ class Backbone:
     dtype: torch.dtype
     fingerprint: str = ""  # of the base weights as loaded, before any adapter is attached
     # Set when these weights are a Separate RAG copy (separate.py): {"task": retrieval | generation, "identity":
-    # "<task>-copy:<sha256 of its layers>", None until saved}; encoders then name the copy in their identity.
+    # "<task>-copy:<sha256 of its layers>", None until saved, "dtype": what its layers are held in}; encoders then
+    # name the copy and that dtype in their identity.
     fine_tuned: dict | None = None
 
     def __post_init__(self) -> None:
         self.fingerprint = self.fingerprint or weights_fingerprint(self.model)
+
+    @property
+    def held_dtype(self) -> torch.dtype:
+        """The dtype the base weights are held in (`load_backbone`'s `weights_dtype`: the compute dtype, or fp32 master
+        weights). Attached adapters, merged document LoRAs and a Separate RAG copy serve in it too."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def tokenizer_fingerprint(self) -> str:

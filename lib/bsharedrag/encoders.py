@@ -37,14 +37,16 @@ class BackboneEncoder:
                 "prefix": [self.query_prefix, self.passage_prefix], "max_length": self.max_length}
 
     def _weights_id(self) -> str | None:
-        """The adapter's identity; on a Separate RAG copy, the copy's (the base fingerprint does not see its layers)."""
+        """The adapter's identity; on a Separate RAG copy, the copy's and the dtype its layers are held in (the base
+        fingerprint does not see its layers, and fp32 master layers embed apart from bf16 ones: their norms round
+        differently under the same autocast)."""
         tuned = self.backbone.fine_tuned
         if tuned is None:
             return self.adapter_id
         if tuned["identity"] is None:
             raise ValueError(f"the backbone's fine-tuned {tuned['task']} layers are not saved yet, so nothing names "
                              "them in an index or the embedding cache; save them first with separate.save_copy")
-        return "+".join(filter(None, [tuned["identity"], self.adapter_id]))
+        return "+".join(filter(None, [f"{tuned['identity']}@{tuned['dtype']}", self.adapter_id]))
 
     def _active(self):
         """The shared backbone with this encoder's adapter switched on, or with every adapter off."""

@@ -130,10 +130,15 @@ def read_manifest(index_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def manifest_diffs(built: dict, expected: dict) -> list[str]:
+    """Every identity field where a saved index's manifest `built` differs from `expected`, with both values."""
+    return [f"{key}: built with {built.get(key)!r}, now {expected[key]!r}"
+            for key in IDENTITY_FIELDS if key in expected and built.get(key) != expected[key]]
+
+
 def check_manifest(built: dict, expected: dict, where: str | Path) -> None:
     """Raise IndexMismatchError naming every identity field where the saved index differs from `expected`."""
-    diffs = [f"{key}: built with {built.get(key)!r}, now {expected[key]!r}"
-             for key in IDENTITY_FIELDS if key in expected and built.get(key) != expected[key]]
+    diffs = manifest_diffs(built, expected)
     if diffs:
         raise IndexMismatchError(
             f"the index at {where} does not match the encoder in use ({'; '.join(diffs)}). "

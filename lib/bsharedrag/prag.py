@@ -673,7 +673,7 @@ class ParametricRAG:
         dtype the backbone holds its weights in (peft builds it so), and the one question's top_k documents loaded for
         the merge being made (in their saved dtype)."""
         k, merges = self.generator_settings.top_k, min(self.decode.batch_size, n_questions)
-        held = next(p for n, p in self.backbone.model.named_parameters() if "lora_" not in n).element_size()
+        held = self.backbone.held_dtype.itemsize
         return merges * k * self.cache.adapter_parameters() * held / 2**20 + k * self.cache.adapter_mb()
 
     def answer(self, question: str, doc_ids_texts: list[tuple[str, str]], lang: str,

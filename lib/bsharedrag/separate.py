@@ -61,7 +61,8 @@ def save_copy(backbone: Backbone, settings: RetrieverSettings | GeneratorSetting
             **(extra or {}), "task": tuned["task"], "settings": asdict(settings), "weights_sha256": sha,
             "trainable_parameters": sum(t.numel() for t in tensors.values()), "backbone": backbone.name,
             "backbone_fingerprint": backbone.fingerprint, "tokenizer": backbone.tokenizer_fingerprint})
-    backbone.fine_tuned = {"task": tuned["task"], "identity": _identity(tuned["task"], sha)}
+    backbone.fine_tuned = {"task": tuned["task"], "identity": _identity(tuned["task"], sha),
+                           "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
     return Path(target)
 
 
@@ -132,12 +133,12 @@ def load_copy(backbone: Backbone, copy_dir: str | Path, task: str | None = None,
     # The copy serves in the dtype the backbone holds its weights in (bf16 where that is the compute dtype), as an
     # attached adapter does. Its fp32 master weights would double the copy's memory against the shared backbone's,
     # and under autocast every matmul sees bf16 weights either way (cast at each forward).
-    held = torch.float32 if master_weights else backbone.model.get_input_embeddings().weight.dtype
+    held = torch.float32 if master_weights else backbone.held_dtype
     for name, tensor in tensors.items():
         param = backbone.model.get_parameter(name)
         param.data = tensor.to(device=param.device, dtype=held)
     backbone.model.eval()
-    backbone.fine_tuned = {"task": meta["task"], "identity": identity}
+    backbone.fine_tuned = {"task": meta["task"], "identity": identity, "dtype": str(held).removeprefix("torch.")}
     return settings_type(**meta["settings"])
 
 

@@ -14,7 +14,8 @@ from .backbone import Backbone, embed
 from .bm25 import bm25_score_matrix, build_bm25, search_bm25
 from .data import RetrievalDataset
 from .encoders import BackboneEncoder, MiniLMEncoder
-from .index import build_dense_index, check_documents, check_queries, load_dense_index, search_dense, to_gpus
+from .index import (build_dense_index, check_documents, check_queries, load_dense_index, manifest_diffs, read_manifest,
+                    search_dense, to_gpus)
 from .retriever import RETRIEVAL_ADAPTER, adapter_identity, attach_retrieval_adapter
 from .separate import load_copy
 
@@ -119,6 +120,17 @@ def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path,
                           Path(out_dir) / ds.name / system, settings.index_factory)
         rows.append({"system": system, "docs": len(doc_ids), "seconds": time.perf_counter() - start})
     return pd.DataFrame(rows)
+
+
+def index_mismatch(ds: RetrievalDataset, system: str, index_root: str | Path, settings: EncodeSettings,
+                   backbone: Backbone | None = None) -> list[str] | None:
+    """Why `retrieve` would refuse dense system `system`'s saved index of `ds` under `index_root`: the manifest fields
+    that differ from the encoder in use and the corpus ([] when none do), or None when no index is saved there."""
+    index_dir = Path(index_root) / ds.name / system
+    if not (index_dir / "manifest.json").is_file():
+        return None
+    enc = _encoder(system, backbone, settings)
+    return manifest_diffs(read_manifest(index_dir), {**enc.identity, "corpus_hash": corpus_hash(ds, settings.passage_format)})
 
 
 def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries: pd.DataFrame,

@@ -131,13 +131,14 @@ def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_
     assert named == {f"{copy_identity(folder)}@bfloat16", f"{copy_identity(folder)}@float32"}
 
 
-def test_07_builds_a_copys_index_again_when_the_copy_serves_in_another_dtype(retrieval_copy, small_epqa, capsys):
+def test_07_builds_a_copys_index_again_when_the_copy_serves_in_another_dtype(retrieval_copy, small_epqa, capsys,
+                                                                           monkeypatch):
     from bsharedrag import ablations
     from test_plots import fake_ablation
 
     root, *_ = retrieval_copy
-    run = root.parent / "run07"
-    ab = fake_ablation(run, {"epqa": small_epqa})
+    ab = fake_ablation(root.parent / "run07", {"epqa": small_epqa})
+    monkeypatch.setattr(ablations, "generator_settings", lambda cfg: GeneratorSettings())  # only its top_k is read
 
     def served(master: bool) -> Backbone:
         base = fresh()

@@ -99,13 +99,15 @@ def test_a_retrieval_copy_trains_only_its_top_layers_and_round_trips(retrieval_c
     assert again["losses"] == out["losses"] and not changed(state(bb), resumed)
 
 
+def held_in_bf16() -> Backbone:
+    """A fresh tiny backbone holding its weights in bf16, as `load_backbone` does where bf16 is the compute dtype."""
+    base = fresh()
+    return Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
+
+
 def test_a_copy_serves_in_the_dtype_the_backbone_holds_its_weights_in(retrieval_copy):
     root, bb, *_ = retrieval_copy
     folder = root / "retrieval_copy"
-
-    def held_in_bf16() -> Backbone:
-        base = fresh()
-        return Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
 
     def weight_bytes(b: Backbone) -> int:
         return sum(p.numel() * p.element_size() for p in b.model.parameters())
@@ -141,8 +143,7 @@ def test_07_builds_a_copys_index_again_when_the_copy_serves_in_another_dtype(ret
     monkeypatch.setattr(ablations, "generator_settings", lambda cfg: GeneratorSettings())  # only its top_k is read
 
     def served(master: bool) -> Backbone:
-        base = fresh()
-        bb = Backbone(base.name, base.model.to(torch.bfloat16), base.tokenizer, base.device, torch.bfloat16)
+        bb = held_in_bf16()
         load_copy(bb, root / "retrieval_copy", master_weights=master)
         return bb
 

@@ -73,13 +73,22 @@ def test_notebook_gets_only_the_common_keys_it_declares():
     assert params["run_dir"] == "/tmp/run" and params["seed"] == 0 and "backbone" not in params
 
 
-def test_paper_config_resolves_and_dry_runs_on_cpu(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["paper.yaml", "paper_80gb.yaml"])
+def test_paper_config_resolves_and_dry_runs_on_cpu(name, tmp_path, monkeypatch, capsys):
     from bsharedrag import paths, run
 
     monkeypatch.setattr(paths, "OUTPUTS", tmp_path)
-    assert run.main([str(paths.CONFIGS / "paper.yaml"), "--dry-run"]) == 0
+    assert run.main([str(paths.CONFIGS / name), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "backbone Qwen/Qwen2.5-7B" in out and "nothing was run" in out
     for step in ("01_pretrain", "03_retriever", "04_generator", "06_evaluate"):
         assert f"[dry-run] {step}: " in out
     assert list(tmp_path.iterdir()) == []  # no run folder, no weights loaded
+
+
+def test_the_80gb_config_changes_only_how_the_batches_pass_through_memory():
+    paper, small = load_config("paper.yaml"), load_config("paper_80gb.yaml")
+    assert (small["03_retriever"]["chunk_size"], small["04_generator"]["micro_batch_size"]) == (32, 4)
+    for cfg in (paper, small):  # exact settings: what differs is not a result parameter
+        cfg["run"].pop("name"), cfg["03_retriever"].pop("chunk_size"), cfg["04_generator"].pop("micro_batch_size")
+    assert small == paper

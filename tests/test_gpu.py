@@ -143,6 +143,48 @@ def test_parametric_rag_trains_merges_and_answers_on_cuda(tmp_path):
     assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)  # removed after
 
 
+def test_a_batch_of_questions_each_with_its_own_document_merge_runs_on_cuda_as_each_alone(tmp_path):
+    """The batched answering path: one forward over rows that each go through a different merged LoRA (peft's
+    adapter_names), in the CUDA compute dtype, gives each row what its merge alone gives."""
+    from peft import PeftModel
+
+    from bsharedrag.generator import DecodeSettings, GeneratorSettings
+    from bsharedrag.prag import DocumentAdapterCache, ParametricRAG, PRAGSettings, merged_document_sets
+
+    settings = PRAGSettings(learning_rate=1e-2, paraphrases=1, qa_pairs=1, augment_max_new_tokens=6, max_retries=1,
+                            doc_max_tokens=24, train_max_tokens=48)
+    bb = cuda_backbone()
+    cache = DocumentAdapterCache(tmp_path, bb, settings)
+    docs = list(DOCS.items())[:3]
+    cache.ensure(docs, "en")
+    ids = bb.tokenizer([QUESTIONS[0]], return_tensors="pt")["input_ids"].cuda()
+    sets = [[cache.adapter_dir(t, "en") for _, t in docs[:2]], [], [cache.adapter_dir(docs[2][1], "en")]]
+    with merged_document_sets(bb, sets, settings) as names, torch.no_grad():
+        assert bb.model.peft_config[names[0]].r == 2 * settings.lora_r  # cat: the two documents' ranks side by side
+        mixed = bb.model(input_ids=ids.repeat(3, 1), adapter_names=[n or "__base__" for n in names]).logits.float()
+        alone = []
+        for name in names:
+            if name is None:
+                with bb.model.disable_adapter():
+                    alone.append(bb.model(input_ids=ids).logits[0].float())
+            else:
+                bb.model.set_adapter(name)
+                alone.append(bb.model(input_ids=ids).logits[0].float())
+    scale = max(float(a.abs().max()) for a in alone)
+    for row, expected in zip(mixed, alone):  # bf16 products of another batch shape may round apart, no further
+        assert float((row - expected).abs().max()) < 0.02 * scale, float((row - expected).abs().max())
+    assert float((alone[0] - alone[2]).abs().max()) > 0.05 * scale  # the merges differ, so the check can tell
+    assert not isinstance(bb.model, PeftModel)
+
+    questions = QUESTIONS[:3]
+    per_question = [docs[:2], docs[1:], docs[2:]]
+    for mode in ("parametric", "parametric_docs"):
+        answers = {b: ParametricRAG(bb, cache, GeneratorSettings(doc_max_tokens=16),
+                                    DecodeSettings(max_new_tokens=4, batch_size=b)).answer_many(
+                                        questions, per_question, "en", mode)["answers"] for b in (1, 3)}
+        assert all(len(a) == 3 and all(isinstance(x, str) for x in a) for a in answers.values())
+
+
 def test_faiss_gpu_shards_search_as_the_cpu_index_does(tmp_path):
     import faiss
 

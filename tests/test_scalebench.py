@@ -28,3 +28,23 @@ def test_scalebench_refuses_an_unknown_shape_and_empty_work():
         scalebench.random_backbone("gpt-5", None, None)
     with pytest.raises(SystemExit):
         scalebench.main(["--steps", "0"])
+
+
+def test_a_stage_that_runs_out_of_device_memory_is_named_and_the_others_still_run(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def too_big(bb, settings, steps):
+        from peft import LoraConfig, get_peft_model
+
+        bb.model = get_peft_model(bb.model, LoraConfig(r=2, target_modules=["q_proj"]))  # the stage had wrapped it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(scalebench, "time_generator", too_big)
+    out = tmp_path / "figures.json"
+    assert scalebench.main(["--config", str(paths.CONFIGS / "tiny.yaml"), "--shape", "tiny", "--steps", "1",
+                            "--docs", "4", "--device", "cpu", "--compute-dtype", "float32", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["generator"] == {"out_of_memory": True, "peak_memory_gb": None,
+                                    "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert figures["retriever"]["seconds_per_step"] > 0 and figures["encoding"]["tokens_per_s"] > 0
+    assert "generator: out of device memory; lower its batch" in capsys.readouterr().out

@@ -13,14 +13,17 @@ answer tokens only, costs a little more than Qwen's 152k would).
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from peft import PeftModel
 
 from . import paths
 from .artefacts import atomic_write_json
@@ -90,6 +93,32 @@ def _peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def _bare(bb: Backbone) -> None:
+    """The backbone without the LoRA a stage attached (also after a stage that ran out of memory)."""
+    if isinstance(bb.model, PeftModel):
+        bb.model = bb.model.unload()
+
+
+def _measured(name: str, bb: Backbone, stage: Callable[[], dict]) -> dict:
+    """`stage()`'s figures, or {"out_of_memory": True, ...} and a line naming the peak when it ran out of device
+    memory: the other stages still run, so one call says which of a config's batch settings fit the card."""
+    try:
+        return stage()
+    except torch.OutOfMemoryError as err:
+        peak = _peak_gb(bb.device)
+        held = "" if peak is None else (f" ({peak:.0f} GiB held at the peak, of "
+                                        f"{torch.cuda.get_device_properties(bb.device).total_memory / 2**30:.0f})")
+        print(f"{name}: out of device memory{held}; lower its batch (03_retriever.chunk_size, "
+              "04_generator.micro_batch_size, common.batch_size)", flush=True)
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return {"out_of_memory": True, "peak_memory_gb": peak, "error": first_line}
+    finally:
+        _bare(bb)
+        gc.collect()
+        if bb.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def time_retriever(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's retriever step (one warm-up step first), and its tokens per step."""
     _reset_peak(bb.device)
@@ -150,6 +179,10 @@ def time_encoding(bb: Backbone, n_docs: int, max_length: int, batch_size: int) -
             "mean_tokens": float(max_length), "peak_memory_gb": _peak_gb(bb.device)}
 
 
+def _gib(part: dict) -> str:
+    return "n/a GiB" if part.get("peak_memory_gb") is None else f"{part['peak_memory_gb']:.1f} GiB"
+
+
 def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = None,
         compute_dtype: str | None = None) -> dict:
     cfg = load_config(config)
@@ -166,35 +199,38 @@ def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = 
     print(f"{shape}: {body / 1e9:.2f}B body parameters on {dev} in {figures['dtype']}; matmul {peak:.1f} TFLOP/s",
           flush=True)
 
-    def training(name: str, part: dict, budget: int, extra_flops: float = 0.0) -> None:
+    def training(name: str, part: dict, budget: int, extra_flops: Callable[[dict], float]) -> None:
         """Forward + backward (3 x the forward's FLOPs; GradCache's extra no-grad forward is not useful work)."""
-        flops = 3 * body_flops_per_token(bb.model, part["mean_tokens"]) * part["tokens_per_step"] + extra_flops
+        figures[name] = part
+        if part.get("out_of_memory"):
+            return
+        flops = 3 * body_flops_per_token(bb.model, part["mean_tokens"]) * part["tokens_per_step"] + extra_flops(part)
         part["tflops"] = flops / part["seconds_per_step"] / 1e12
         part["share_of_matmul_limit"] = part["tflops"] / peak
         part["paper_steps"] = budget
         part["hours_for_paper_steps"] = part["seconds_per_step"] * budget / 3600
-        figures[name] = part
         print(f"{name}: {part['seconds_per_step']:.2f} s/step, {part['tokens_per_step']:.0f} tokens/step, "
               f"{part['tflops']:.0f} TFLOP/s ({part['share_of_matmul_limit']:.0%} of the matmul limit), "
-              f"{part['hours_for_paper_steps']:.2f} h for {budget} steps", flush=True)
+              f"{part['hours_for_paper_steps']:.2f} h for {budget} steps, {_gib(part)} at the peak", flush=True)
 
     retrieval = retriever_settings(cfg)
-    training("retriever", time_retriever(bb, retrieval, steps), retrieval.steps)
-    bb.model = bb.model.unload()  # the generator trains its own LoRA on the bare backbone, as 04 does
+    training("retriever", _measured("retriever", bb, lambda: time_retriever(bb, retrieval, steps)), retrieval.steps,
+             lambda part: 0.0)
+    # the generator trains its own LoRA on the bare backbone, as 04 does
     generation = generator_settings(cfg)
-    part = time_generator(bb, generation, steps)
-    head = 6 * bb.model.config.hidden_size * bb.model.config.vocab_size * part["answer_tokens_per_step"]
-    training("generator", part, generation.steps, head)
+    training("generator", _measured("generator", bb, lambda: time_generator(bb, generation, steps)), generation.steps,
+             lambda part: 6 * bb.model.config.hidden_size * bb.model.config.vocab_size * part["answer_tokens_per_step"])
 
-    bb.model = bb.model.unload()
-    part = time_encoding(bb, n_docs, cfg["common"]["max_length"], cfg["common"]["batch_size"])
-    part["tflops"] = body_flops_per_token(bb.model, part["mean_tokens"]) * part["tokens_per_s"] / 1e12
-    part["share_of_matmul_limit"] = part["tflops"] / peak
-    part["seconds_per_million_tokens"] = 1e6 / part["tokens_per_s"]
+    part = _measured("encoding", bb, lambda: time_encoding(bb, n_docs, cfg["common"]["max_length"],
+                                                             cfg["common"]["batch_size"]))
     figures["encoding"] = part
-    print(f"encoding: {part['tokens_per_s']:,.0f} tokens/s at {cfg['common']['max_length']} tokens, "
-          f"{part['tflops']:.0f} TFLOP/s ({part['share_of_matmul_limit']:.0%}), "
-          f"{part['seconds_per_million_tokens']:.1f} s per million tokens", flush=True)
+    if not part.get("out_of_memory"):
+        part["tflops"] = body_flops_per_token(bb.model, part["mean_tokens"]) * part["tokens_per_s"] / 1e12
+        part["share_of_matmul_limit"] = part["tflops"] / peak
+        part["seconds_per_million_tokens"] = 1e6 / part["tokens_per_s"]
+        print(f"encoding: {part['tokens_per_s']:,.0f} tokens/s at {cfg['common']['max_length']} tokens, "
+              f"{part['tflops']:.0f} TFLOP/s ({part['share_of_matmul_limit']:.0%}), "
+              f"{part['seconds_per_million_tokens']:.1f} s per million tokens, {_gib(part)} at the peak", flush=True)
     return figures
 
 

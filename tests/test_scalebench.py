@@ -14,13 +14,23 @@ def test_scalebench_times_each_stage_against_the_matmul_limit(tmp_path):
                             "--out", str(out)]) == 0  # accelerate keeps the first mixed precision of a process
     figures = json.loads(out.read_text())
     assert figures["shape"] == "tiny" and figures["dtype"] == "float32" and figures["matmul_tflops"] > 0
-    for stage in ("retriever", "generator"):
+    for stage in ("pretrain", "retriever", "generator"):
         part = figures[stage]
         assert part["seconds_per_step"] > 0 and part["tokens_per_step"] > 0 and 0 < part["share_of_matmul_limit"] < 1
     assert figures["encoding"]["tokens_per_s"] > 0 and 0 < figures["encoding"]["share_of_matmul_limit"] < 1
     full = 4 * (64 + 3 * 128)  # tiny.yaml: 4 questions x (1 + 2) passages, each text as long as allowed
     assert 0.9 * full <= figures["retriever"]["tokens_per_step"] <= full
     assert figures["retriever"]["paper_steps"] == 6 and figures["generator"]["paper_steps"] == 3
+    assert figures["pretrain"]["tokens_per_step"] == 4 * 32 and figures["pretrain"]["paper_steps"] == 4  # tiny.yaml
+
+
+def test_scalebench_runs_only_the_stages_asked_for(tmp_path):
+    out = tmp_path / "figures.json"
+    assert scalebench.main(["--config", str(paths.CONFIGS / "tiny.yaml"), "--shape", "tiny", "--steps", "1",
+                            "--device", "cpu", "--compute-dtype", "float32", "--stages", "pretrain",
+                            "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["pretrain"]["seconds_per_step"] > 0 and not {"retriever", "generator", "encoding"} & set(figures)
 
 
 def test_scalebench_refuses_an_unknown_shape_and_empty_work():
@@ -28,6 +38,8 @@ def test_scalebench_refuses_an_unknown_shape_and_empty_work():
         scalebench.random_backbone("gpt-5", None, None)
     with pytest.raises(SystemExit):
         scalebench.main(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        scalebench.main(["--stages", "retriever,rerank"])
 
 
 def test_a_stage_that_runs_out_of_device_memory_is_named_and_the_others_still_run(tmp_path, monkeypatch, capsys):

@@ -1,9 +1,11 @@
 """What a config's training and encoding cost at its scale, measured before the weights are at hand: a random-initialised
-model of a named backbone's shape runs the library's own retriever step (GradCache included), generator step (trl) and
-corpus encoding with the config's batch sizes and lengths, timed and set against the device's matmul limit measured in
-the same run. Speed does not depend on the weights' values, so these are the real backbone's step times.
+model of a named backbone's shape runs the library's own continual pre-training step (01), retriever step (GradCache
+included), generator step (trl) and corpus encoding with the config's batch sizes and lengths, timed and set against the
+device's matmul limit measured in the same run. Speed does not depend on the weights' values, so these are the real
+backbone's step times. A stage that runs out of device memory is reported so, and the others still run.
 
     python -m bsharedrag.scalebench [--config configs/paper.yaml] [--shape qwen2.5-7b] [--steps 3] [--docs 512]
+                                    [--stages pretrain,retriever,generator,encoding]
 
 Texts are random words cut to the config's token lengths, so every sequence is as long as the config allows (the
 upper bound of the real data's cost). The vocabulary is the default tokenizer's (262k rows: the LM head, which runs on
@@ -22,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from peft import PeftModel
 
@@ -33,6 +36,8 @@ from .config import load_config
 from .devices import measure_matmul_tflops, pick_compute_dtype, pick_device
 from .generator import settings_from_config as generator_settings
 from .generator import train_generation_adapter
+from .pretrain import PackedMix, continue_pretraining, leading_bos, pack_blocks
+from .pretrain import settings_from_config as pretrain_settings
 from .retriever import settings_from_config as retriever_settings
 from .retriever import train_retrieval_adapter
 from .steps import versions
@@ -119,6 +124,25 @@ def _measured(name: str, bb: Backbone, stage: Callable[[], dict]) -> dict:
             torch.cuda.empty_cache()
 
 
+def time_pretrain(bb: Backbone, settings, steps: int) -> dict:
+    """Seconds per step of the config's continual pre-training step (01: a LoRA on every linear layer, the LM loss on
+    every position of packed blocks), one warm-up step first."""
+    _reset_peak(bb.device)
+    texts = texts_of(bb.tokenizer, settings.batch_size * (steps + 2), settings.block_size, 6)
+    blocks = torch.tensor(pack_blocks(bb.tokenizer(texts, add_special_tokens=False)["input_ids"], settings.block_size,
+                                      bb.tokenizer.eos_token_id, leading_bos(bb.tokenizer)), dtype=torch.long)
+    packed = PackedMix(domain=blocks, general=blocks, heldout={}, counts=pd.DataFrame())
+    continue_pretraining(bb, packed, replace(settings, steps=1, save_every=0), merge=False)  # warm-up
+    _bare(bb)
+    _sync(bb.device)
+    began = time.perf_counter()
+    out = continue_pretraining(bb, packed, replace(settings, steps=steps, save_every=0), merge=False)
+    _sync(bb.device)
+    return {"seconds_per_step": (time.perf_counter() - began) / steps,
+            "tokens_per_step": float(settings.batch_size * settings.block_size), "mean_tokens": float(settings.block_size),
+            "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
+
+
 def time_retriever(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's retriever step (one warm-up step first), and its tokens per step."""
     _reset_peak(bb.device)
@@ -183,8 +207,11 @@ def _gib(part: dict) -> str:
     return "n/a GiB" if part.get("peak_memory_gb") is None else f"{part['peak_memory_gb']:.1f} GiB"
 
 
+STAGES = ("pretrain", "retriever", "generator", "encoding")
+
+
 def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = None,
-        compute_dtype: str | None = None) -> dict:
+        compute_dtype: str | None = None, stages: tuple[str, ...] = STAGES) -> dict:
     cfg = load_config(config)
     dev = pick_device(device)
     dtype = pick_compute_dtype(dev, compute_dtype or cfg["common"]["compute_dtype"])
@@ -213,14 +240,24 @@ def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = 
               f"{part['tflops']:.0f} TFLOP/s ({part['share_of_matmul_limit']:.0%} of the matmul limit), "
               f"{part['hours_for_paper_steps']:.2f} h for {budget} steps, {_gib(part)} at the peak", flush=True)
 
-    retrieval = retriever_settings(cfg)
-    training("retriever", _measured("retriever", bb, lambda: time_retriever(bb, retrieval, steps)), retrieval.steps,
-             lambda part: 0.0)
-    # the generator trains its own LoRA on the bare backbone, as 04 does
-    generation = generator_settings(cfg)
-    training("generator", _measured("generator", bb, lambda: time_generator(bb, generation, steps)), generation.steps,
-             lambda part: 6 * bb.model.config.hidden_size * bb.model.config.vocab_size * part["answer_tokens_per_step"])
+    def head_flops(tokens: float) -> float:  # the LM head's forward and backward on `tokens` target tokens
+        return 6 * bb.model.config.hidden_size * bb.model.config.vocab_size * tokens
 
+    # each stage trains its own LoRA on the bare backbone, as its notebook does
+    if "pretrain" in stages:
+        pretraining = pretrain_settings(cfg)
+        training("pretrain", _measured("pretrain", bb, lambda: time_pretrain(bb, pretraining, steps)),
+                 pretraining.steps, lambda part: head_flops(part["tokens_per_step"]))
+    if "retriever" in stages:
+        retrieval = retriever_settings(cfg)
+        training("retriever", _measured("retriever", bb, lambda: time_retriever(bb, retrieval, steps)),
+                 retrieval.steps, lambda part: 0.0)
+    if "generator" in stages:
+        generation = generator_settings(cfg)
+        training("generator", _measured("generator", bb, lambda: time_generator(bb, generation, steps)),
+                 generation.steps, lambda part: head_flops(part["answer_tokens_per_step"]))
+    if "encoding" not in stages:
+        return figures
     part = _measured("encoding", bb, lambda: time_encoding(bb, n_docs, cfg["common"]["max_length"],
                                                              cfg["common"]["batch_size"]))
     figures["encoding"] = part
@@ -244,11 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: CUDA when present)")
     parser.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float16", "float32"],
                         help="instead of the config's compute_dtype")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated, of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.docs < 1:
         parser.error(f"--steps {args.steps} and --docs {args.docs} must be at least 1")
-    figures = run(args.config, args.shape, args.steps, args.docs, args.device, args.compute_dtype)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown or not stages:
+        parser.error(f"--stages {args.stages!r}: name one or more of {', '.join(STAGES)}")
+    figures = run(args.config, args.shape, args.steps, args.docs, args.device, args.compute_dtype, stages)
     if args.out:
         atomic_write_json(args.out, figures)
         print(f"written to {args.out}")

@@ -19,7 +19,7 @@ from .artefacts import atomic_write_json
 from .backbone import body_of, embed, load_backbone, prepare_default_backbone, tokenize_for_embedding
 from .config import load_config
 from .data import load_dataset
-from .devices import accelerator_for, measure_matmul_tflops, pick_compute_dtype, pick_device
+from .devices import accelerator_for, dtype_name, measure_matmul_tflops, pick_compute_dtype, pick_device
 from .index import build_dense_index, load_dense_index, search_dense
 from . import retriever
 from .retriever import RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter, save_retrieval_adapter
@@ -73,7 +73,7 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
     source = str(prepare_default_backbone())
     if run_dir:  # the backbone the run's adapter was trained on (01's, where the run continually pre-trained)
         source = backbone_for_run(str(source), run_dir, common["use_pretrained_backbone"])
-    bb = load_backbone(source, compute_dtype=str(compute).removeprefix("torch."))
+    bb = load_backbone(source, compute_dtype=dtype_name(compute))
     adapter = run_dir / "03_retriever" / "adapters" / "hard" if run_dir else None
     if adapter is not None and adapter.is_dir():
         settings = attach_retrieval_adapter(bb, adapter)

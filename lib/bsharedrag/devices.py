@@ -14,6 +14,11 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the name configs, manifests and figures use (a key of DTYPES)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def accelerator_for(dtype: torch.dtype, device: torch.device):
     """An accelerate Accelerator on `device` whose mixed precision is the compute dtype (fp32: none)."""
     from accelerate import Accelerator
@@ -81,7 +86,7 @@ def matmul_now(device: torch.device | None = None, seconds: float = 0.5) -> str:
     512-square: a CPU without bf16 units takes ~0.3 s for one such bf16 matmul, seconds for a 1024-square one."""
     device = device or pick_device()
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float16, torch.float32]
-    figures = ", ".join(f"{str(d).removeprefix('torch.')} {measure_matmul_tflops(d, device, 512, seconds):.3f}"
+    figures = ", ".join(f"{dtype_name(d)} {measure_matmul_tflops(d, device, 512, seconds):.3f}"
                         for d in dtypes)
     return f"{figures} TFLOP/s on {device} (512x512, {torch.get_num_threads()} threads)"
 

@@ -26,7 +26,7 @@ from .generator import (
 )
 from .index import check_queries, load_dense_index, search_dense, to_gpus
 from .retriever import RETRIEVAL_ADAPTER, adapter_identity, attach_retrieval_adapter
-from .systems import corpus_hash
+from .systems import corpus_hash, index_manifest
 
 RETRIEVER_SYSTEM = "bsharedrag"  # the index 05 built with the hard-negative retrieval adapter
 RETRIEVER_VARIANT = "hard"
@@ -89,7 +89,7 @@ class BSharedRAG:
         encoder = BackboneEncoder(bb, trained.pooling, trained.query_prefix, trained.passage_prefix,
                                   common["max_length"], common["batch_size"], adapter=RETRIEVAL_ADAPTER,
                                   adapter_id=adapter_identity(retrieval_dir))
-        expected = {**encoder.identity, "corpus_hash": corpus_hash(ds, common["passage_format"])}
+        expected = index_manifest(encoder, corpus_hash(ds, common["passage_format"]))
         index, doc_of, _ = load_dense_index(run_dir / "05_index" / "indexes" / name / RETRIEVER_SYSTEM, expected)
         decode = decode or decode_settings(cfg.get("06_evaluate", {}), ds.lang, common["seed"], batch_size=1)
         return cls(bb, encoder, to_gpus(index), doc_of, ds, generator, decode, common["passage_format"],

@@ -33,7 +33,7 @@ from .artefacts import atomic_write_json
 from .backbone import Backbone, embed, load_tokenizer, prepare_default_backbone
 from .bench import body_flops_per_token
 from .config import load_config
-from .devices import measure_matmul_tflops, pick_compute_dtype, pick_device
+from .devices import dtype_name, measure_matmul_tflops, pick_compute_dtype, pick_device
 from .generator import settings_from_config as generator_settings
 from .generator import train_generation_adapter
 from .pretrain import PackedMix, continue_pretraining, leading_bos, pack_blocks
@@ -139,8 +139,8 @@ def time_pretrain(bb: Backbone, settings, steps: int) -> dict:
     out = continue_pretraining(bb, packed, replace(settings, steps=steps, save_every=0), merge=False)
     _sync(bb.device)
     return {"seconds_per_step": (time.perf_counter() - began) / steps,
-            "tokens_per_step": float(settings.batch_size * settings.block_size), "mean_tokens": float(settings.block_size),
-            "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
+            "tokens_per_step": float(settings.batch_size * settings.block_size),
+            "mean_tokens": float(settings.block_size), "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
 
 
 def time_retriever(bb: Backbone, settings, steps: int) -> dict:
@@ -216,7 +216,7 @@ def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = 
     dev = pick_device(device)
     dtype = pick_compute_dtype(dev, compute_dtype or cfg["common"]["compute_dtype"])
     peak = measure_matmul_tflops(dtype, dev, n=8192 if dev.type == "cuda" else 1024, seconds=1.0)
-    figures = {"config": str(config), "shape": shape, "device": str(dev), "dtype": str(dtype).removeprefix("torch."),
+    figures = {"config": str(config), "shape": shape, "device": str(dev), "dtype": dtype_name(dtype),
                "matmul_tflops": peak, "versions": versions()}
     if dev.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(dev)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .artefacts import atomic_dir, atomic_write_json, sha256_file
 from .backbone import Backbone, top_layer_parameters
+from .devices import dtype_name
 from .generator import GENERATION_ADAPTER, GeneratorSettings, train_generation_adapter
 from .retriever import RETRIEVAL_ADAPTER, RetrieverSettings, train_retrieval_adapter
 
@@ -62,7 +63,7 @@ def save_copy(backbone: Backbone, settings: RetrieverSettings | GeneratorSetting
             "trainable_parameters": sum(t.numel() for t in tensors.values()), "backbone": backbone.name,
             "backbone_fingerprint": backbone.fingerprint, "tokenizer": backbone.tokenizer_fingerprint})
     backbone.fine_tuned = {"task": tuned["task"], "identity": _identity(tuned["task"], sha),
-                           "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch.")}
+                           "dtype": dtype_name(next(iter(tensors.values())).dtype)}
     return Path(target)
 
 
@@ -138,7 +139,7 @@ def load_copy(backbone: Backbone, copy_dir: str | Path, task: str | None = None,
         param = backbone.model.get_parameter(name)
         param.data = tensor.to(device=param.device, dtype=held)
     backbone.model.eval()
-    backbone.fine_tuned = {"task": meta["task"], "identity": identity, "dtype": str(held).removeprefix("torch.")}
+    backbone.fine_tuned = {"task": meta["task"], "identity": identity, "dtype": dtype_name(held)}
     return settings_type(**meta["settings"])
 
 

@@ -76,6 +76,12 @@ def corpus_hash(ds: RetrievalDataset, passage_format: str) -> str:
     return sha256_texts(list(ds.corpus["doc_id"]) + ds.passages(passage_format))
 
 
+def index_manifest(encoder, chash: str) -> dict:
+    """What a dense index of the corpus with hash `chash` built by `encoder` records in its manifest, and what a
+    manifest must hold for `encoder` to search that index."""
+    return {**encoder.identity, "corpus_hash": chash}
+
+
 def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path, settings: EncodeSettings,
                   backbone: Backbone | None = None) -> pd.DataFrame:
     """Build and save one index per system under out_dir/<dataset>/<system>; returns a row of costs per system.
@@ -97,7 +103,7 @@ def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path,
         start = time.perf_counter()
         enc = MiniLMEncoder()
         vectors = enc.encode_passages(passages)
-        build_dense_index(vectors, doc_ids, {**enc.identity, "corpus_hash": chash},
+        build_dense_index(vectors, doc_ids, index_manifest(enc, chash),
                           Path(out_dir) / ds.name / "minilm", settings.index_factory)
         rows.append({"system": "minilm", "docs": len(doc_ids), "seconds": time.perf_counter() - start})
     poolings = tuple(s.split("_", 1)[1] for s in systems if s.startswith("backbone_"))
@@ -110,13 +116,13 @@ def build_indexes(ds: RetrievalDataset, systems: list[str], out_dir: str | Path,
         seconds = (time.perf_counter() - start) / len(poolings)
         for pooling in poolings:
             enc = _encoder(f"backbone_{pooling}", backbone, settings)
-            build_dense_index(vectors[pooling], doc_ids, {**enc.identity, "corpus_hash": chash},
+            build_dense_index(vectors[pooling], doc_ids, index_manifest(enc, chash),
                               Path(out_dir) / ds.name / f"backbone_{pooling}", settings.index_factory)
             rows.append({"system": f"backbone_{pooling}", "docs": len(doc_ids), "seconds": seconds})
     for system in [s for s in systems if s in ADAPTED or s in COPIES]:
         start = time.perf_counter()
         enc = _encoder(system, backbone, settings)
-        build_dense_index(enc.encode_passages(passages), doc_ids, {**enc.identity, "corpus_hash": chash},
+        build_dense_index(enc.encode_passages(passages), doc_ids, index_manifest(enc, chash),
                           Path(out_dir) / ds.name / system, settings.index_factory)
         rows.append({"system": system, "docs": len(doc_ids), "seconds": time.perf_counter() - start})
     return pd.DataFrame(rows)
@@ -130,7 +136,7 @@ def index_mismatch(ds: RetrievalDataset, system: str, index_root: str | Path, se
     if not (index_dir / "manifest.json").is_file():
         return None
     enc = _encoder(system, backbone, settings)
-    return manifest_diffs(read_manifest(index_dir), {**enc.identity, "corpus_hash": corpus_hash(ds, settings.passage_format)})
+    return manifest_diffs(read_manifest(index_dir), index_manifest(enc, corpus_hash(ds, settings.passage_format)))
 
 
 def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries: pd.DataFrame,
@@ -145,7 +151,7 @@ def retrieve(ds: RetrievalDataset, system: str, index_root: str | Path, queries:
         hits = search_bm25(index_dir, texts, k, corpus_hash=chash)
     else:
         enc = _encoder(system, backbone, settings)
-        index, doc_of, _ = load_dense_index(index_dir, expected={**enc.identity, "corpus_hash": chash})
+        index, doc_of, _ = load_dense_index(index_dir, expected=index_manifest(enc, chash))
         hits = search_dense(to_gpus(index), doc_of, enc.encode_queries(texts), k)
     return {qid: [doc for doc, _ in row] for qid, row in zip(queries["qid"], hits)}
 

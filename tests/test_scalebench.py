@@ -14,7 +14,7 @@ def test_scalebench_times_each_stage_against_the_matmul_limit(tmp_path):
                             "--out", str(out)]) == 0  # accelerate keeps the first mixed precision of a process
     figures = json.loads(out.read_text())
     assert figures["shape"] == "tiny" and figures["dtype"] == "float32" and figures["matmul_tflops"] > 0
-    for stage in ("pretrain", "retriever", "generator"):
+    for stage in ("pretrain", "retriever", "generator", "fully_shared"):
         part = figures[stage]
         assert part["seconds_per_step"] > 0 and part["tokens_per_step"] > 0 and 0 < part["share_of_matmul_limit"] < 1
     assert figures["encoding"]["tokens_per_s"] > 0 and 0 < figures["encoding"]["share_of_matmul_limit"] < 1
@@ -22,6 +22,9 @@ def test_scalebench_times_each_stage_against_the_matmul_limit(tmp_path):
     assert 0.9 * full <= figures["retriever"]["tokens_per_step"] <= full
     assert figures["retriever"]["paper_steps"] == 6 and figures["generator"]["paper_steps"] == 3
     assert figures["pretrain"]["tokens_per_step"] == 4 * 32 and figures["pretrain"]["paper_steps"] == 4  # tiny.yaml
+    shared = figures["fully_shared"]  # both parts' tokens, at the retriever's step budget
+    assert shared["tokens_per_step"] == shared["retrieval"]["tokens_per_step"] + shared["generation"]["tokens_per_step"]
+    assert shared["paper_steps"] == 6 and shared["lambda"] == 0.5
 
 
 def test_scalebench_runs_only_the_stages_asked_for(tmp_path):
@@ -59,4 +62,4 @@ def test_a_stage_that_runs_out_of_device_memory_is_named_and_the_others_still_ru
     assert figures["generator"] == {"out_of_memory": True, "peak_memory_gb": None,
                                     "error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
     assert figures["retriever"]["seconds_per_step"] > 0 and figures["encoding"]["tokens_per_s"] > 0
-    assert "generator: out of device memory; lower its batch" in capsys.readouterr().out
+    assert "generator: out of device memory; lower 04_generator.micro_batch_size" in capsys.readouterr().out

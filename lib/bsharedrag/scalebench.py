@@ -1,11 +1,12 @@
 """What a config's training and encoding cost at its scale, measured before the weights are at hand: a random-initialised
 model of a named backbone's shape runs the library's own continual pre-training step (01), retriever step (GradCache
-included), generator step (trl) and corpus encoding with the config's batch sizes and lengths, timed and set against the
-device's matmul limit measured in the same run. Speed does not depend on the weights' values, so these are the real
-backbone's step times. A stage that runs out of device memory is reported so, and the others still run.
+included), generator step (trl), Fully Shared RAG step (07: both on one LoRA) and corpus encoding with the config's
+batch sizes and lengths, timed and set against the device's matmul limit measured in the same run. Speed does not depend
+on the weights' values, so these are the real backbone's step times. A stage that runs out of device memory is reported
+so, and the others still run.
 
     python -m bsharedrag.scalebench [--config configs/paper.yaml] [--shape qwen2.5-7b] [--steps 3] [--docs 512]
-                                    [--stages pretrain,retriever,generator,encoding]
+                                    [--stages pretrain,retriever,generator,fully_shared,encoding]
 
 Texts are random words cut to the config's token lengths, so every sequence is as long as the config allows (the
 upper bound of the real data's cost). The vocabulary is the default tokenizer's (262k rows: the LM head, which runs on
@@ -35,6 +36,7 @@ from .bench import body_flops_per_token
 from .config import load_config
 from .devices import dtype_name, measure_matmul_tflops, pick_compute_dtype, pick_device
 from .generator import settings_from_config as generator_settings
+from .fullyshared import train_fully_shared
 from .generator import train_generation_adapter
 from .pretrain import PackedMix, continue_pretraining, leading_bos, pack_blocks
 from .pretrain import settings_from_config as pretrain_settings
@@ -104,6 +106,15 @@ def _bare(bb: Backbone) -> None:
         bb.model = bb.model.unload()
 
 
+SMALLER = {  # what takes a stage's memory down, per stage
+    "pretrain": "01_pretrain.train_batch_size or block_size (a smaller step: this changes the training)",
+    "retriever": "03_retriever.chunk_size (GradCache's texts per pass: exact, the same step)",
+    "generator": "04_generator.micro_batch_size (examples per pass, gradients accumulated: the same step)",
+    "fully_shared": "03_retriever.chunk_size and 04_generator.micro_batch_size (both exact)",
+    "encoding": "common.batch_size (texts per forward pass)",
+}
+
+
 def _measured(name: str, bb: Backbone, stage: Callable[[], dict]) -> dict:
     """`stage()`'s figures, or {"out_of_memory": True, ...} and a line naming the peak when it ran out of device
     memory: the other stages still run, so one call says which of a config's batch settings fit the card."""
@@ -113,8 +124,7 @@ def _measured(name: str, bb: Backbone, stage: Callable[[], dict]) -> dict:
         peak = _peak_gb(bb.device)
         held = "" if peak is None else (f" ({peak:.0f} GiB held at the peak, of "
                                         f"{torch.cuda.get_device_properties(bb.device).total_memory / 2**30:.0f})")
-        print(f"{name}: out of device memory{held}; lower its batch (03_retriever.chunk_size, "
-              "04_generator.micro_batch_size, common.batch_size)", flush=True)
+        print(f"{name}: out of device memory{held}; lower {SMALLER[name]}", flush=True)
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         return {"out_of_memory": True, "peak_memory_gb": peak, "error": first_line}
     finally:
@@ -132,59 +142,86 @@ def time_pretrain(bb: Backbone, settings, steps: int) -> dict:
     blocks = torch.tensor(pack_blocks(bb.tokenizer(texts, add_special_tokens=False)["input_ids"], settings.block_size,
                                       bb.tokenizer.eos_token_id, leading_bos(bb.tokenizer)), dtype=torch.long)
     packed = PackedMix(domain=blocks, general=blocks, heldout={}, counts=pd.DataFrame())
-    continue_pretraining(bb, packed, replace(settings, steps=1, save_every=0), merge=False)  # warm-up
+    seconds, out = _timed_steps(bb, lambda n: continue_pretraining(
+        bb, packed, replace(settings, steps=n, save_every=0), merge=False), steps)
+    return {"seconds_per_step": seconds,
+            "tokens_per_step": float(settings.batch_size * settings.block_size),
+            "mean_tokens": float(settings.block_size), "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
+
+
+def retrieval_inputs(bb: Backbone, settings) -> tuple[list[dict], dict[str, str], dict]:
+    """Groups of a query, its positive and `n_negatives` negatives, each text as long as `settings` allow, for four
+    steps' worth of batches; with the tokens a step encodes ({"tokens_per_step", "mean_tokens"} of its passages)."""
+    n_groups = settings.batch_size * 4
+    per = 1 + settings.n_negatives
+    queries = texts_of(bb.tokenizer, n_groups, settings.query_max_length, 1)
+    passages = texts_of(bb.tokenizer, n_groups * per, settings.passage_max_length, 2)
+    doc_text = {f"d{i}": t for i, t in enumerate(passages)}
+    groups = [{"qid": f"q{i}", "query": q, "positives": [f"d{i * per}"],
+               "negatives": [f"d{i * per + j}" for j in range(1, per)]} for i, q in enumerate(queries)]
+    q_tokens = np.mean([len(bb.tokenizer(settings.query_prefix + q)["input_ids"]) for q in queries[:8]])
+    p_tokens = np.mean([min(len(bb.tokenizer(settings.passage_prefix + p)["input_ids"]), settings.passage_max_length)
+                        for p in passages[:8]])
+    tokens = settings.batch_size * (min(q_tokens, settings.query_max_length) + per * p_tokens)
+    return groups, doc_text, {"tokens_per_step": float(tokens), "mean_tokens": float(p_tokens)}
+
+
+def generation_examples(bb: Backbone, settings, n: int) -> tuple[list[dict], dict]:
+    """`n` (prompt, completion) examples of the longest prompt and answer `settings` allow, with the tokens a step
+    trains on ({"tokens_per_step", "answer_tokens_per_step", "mean_tokens"})."""
+    prompt_tokens = settings.top_k * settings.doc_max_tokens + 64
+    prompts = texts_of(bb.tokenizer, n, prompt_tokens, 3)
+    answers = texts_of(bb.tokenizer, n, settings.answer_max_tokens, 4)
+    examples = [{"prompt": p + "\nAnswer:", "completion": " " + a} for p, a in zip(prompts, answers)]
+    return examples, {
+        "tokens_per_step": float(settings.batch_size * (prompt_tokens + 3 + settings.answer_max_tokens + 1)),
+        "answer_tokens_per_step": float(settings.batch_size * (settings.answer_max_tokens + 1)),
+        "mean_tokens": float(prompt_tokens + settings.answer_max_tokens)}
+
+
+def _timed_steps(bb: Backbone, train: Callable[[int], dict], steps: int) -> tuple[float, dict]:
+    """Seconds per step of `train(steps)` after `train(1)` as a warm-up (its LoRA removed again), and its output."""
+    train(1)
     _bare(bb)
     _sync(bb.device)
     began = time.perf_counter()
-    out = continue_pretraining(bb, packed, replace(settings, steps=steps, save_every=0), merge=False)
+    out = train(steps)
     _sync(bb.device)
-    return {"seconds_per_step": (time.perf_counter() - began) / steps,
-            "tokens_per_step": float(settings.batch_size * settings.block_size),
-            "mean_tokens": float(settings.block_size), "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
+    return (time.perf_counter() - began) / steps, out
 
 
 def time_retriever(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's retriever step (one warm-up step first), and its tokens per step."""
     _reset_peak(bb.device)
-    n_groups = settings.batch_size * 4
-    n_docs = n_groups * (1 + settings.n_negatives)
-    queries = texts_of(bb.tokenizer, n_groups, settings.query_max_length, 1)
-    passages = texts_of(bb.tokenizer, n_docs, settings.passage_max_length, 2)
-    doc_text = {f"d{i}": t for i, t in enumerate(passages)}
-    per = 1 + settings.n_negatives
-    groups = [{"qid": f"q{i}", "query": q, "positives": [f"d{i * per}"],
-               "negatives": [f"d{i * per + j}" for j in range(1, per)]} for i, q in enumerate(queries)]
-    train_retrieval_adapter(bb, groups, doc_text, replace(settings, steps=1, save_every=0))  # warm-up
-    _sync(bb.device)
-    began = time.perf_counter()
-    out = train_retrieval_adapter(bb, groups, doc_text, replace(settings, steps=steps, save_every=0))
-    _sync(bb.device)
-    seconds = (time.perf_counter() - began) / steps
-    q_tokens = np.mean([len(bb.tokenizer(settings.query_prefix + q)["input_ids"]) for q in queries[:8]])
-    p_tokens = np.mean([min(len(bb.tokenizer(settings.passage_prefix + p)["input_ids"]), settings.passage_max_length)
-                        for p in passages[:8]])
-    tokens = settings.batch_size * (min(q_tokens, settings.query_max_length) + per * p_tokens)
-    return {"seconds_per_step": seconds, "tokens_per_step": float(tokens), "mean_tokens": float(p_tokens),
-            "losses": out["losses"], "gradcache": settings.chunk_size > 0, "peak_memory_gb": _peak_gb(bb.device)}
+    groups, doc_text, tokens = retrieval_inputs(bb, settings)
+    seconds, out = _timed_steps(bb, lambda n: train_retrieval_adapter(
+        bb, groups, doc_text, replace(settings, steps=n, save_every=0)), steps)
+    return {"seconds_per_step": seconds, **tokens, "losses": out["losses"], "gradcache": settings.chunk_size > 0,
+            "peak_memory_gb": _peak_gb(bb.device)}
 
 
 def time_generator(bb: Backbone, settings, steps: int) -> dict:
     """Seconds per step of the config's generator step (trl, answer-only loss), its first step included."""
     _reset_peak(bb.device)
-    prompt_tokens = settings.top_k * settings.doc_max_tokens + 64
-    n = settings.batch_size * (steps + 1)
-    prompts = texts_of(bb.tokenizer, n, prompt_tokens, 3)
-    answers = texts_of(bb.tokenizer, n, settings.answer_max_tokens, 4)
-    examples = [{"prompt": p + "\nAnswer:", "completion": " " + a} for p, a in zip(prompts, answers)]
+    examples, tokens = generation_examples(bb, settings, settings.batch_size * (steps + 1))
     with tempfile.TemporaryDirectory() as ckpt:
         _sync(bb.device)
         out = train_generation_adapter(bb, examples, replace(settings, steps=steps + 1, save_every=0), ckpt)
         _sync(bb.device)
-    return {"seconds_per_step": out["seconds"] / (steps + 1), "steps_timed": steps + 1,
-            "tokens_per_step": float(settings.batch_size * (prompt_tokens + 3 + settings.answer_max_tokens + 1)),
-            "answer_tokens_per_step": float(settings.batch_size * (settings.answer_max_tokens + 1)),
-            "mean_tokens": float(prompt_tokens + settings.answer_max_tokens), "losses": out["losses"],
-            "peak_memory_gb": _peak_gb(bb.device)}
+    return {"seconds_per_step": out["seconds"] / (steps + 1), "steps_timed": steps + 1, **tokens,
+            "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
+
+
+def time_fully_shared(bb: Backbone, retrieval, generation, steps: int, lam: float = 0.5) -> dict:
+    """Seconds per step of Fully Shared RAG's step (07: the retriever's step and the generator's answer loss on one
+    LoRA, each backpropagated in turn; one warm-up step first), and the tokens of both parts."""
+    _reset_peak(bb.device)
+    groups, doc_text, r_tokens = retrieval_inputs(bb, retrieval)
+    examples, g_tokens = generation_examples(bb, generation, generation.batch_size * 4)
+    seconds, out = _timed_steps(bb, lambda n: train_fully_shared(
+        bb, lam, groups, doc_text, examples, replace(retrieval, steps=n, save_every=0), generation), steps)
+    return {"seconds_per_step": seconds, "lambda": lam, "retrieval": r_tokens, "generation": g_tokens,
+            "losses": out["losses"], "peak_memory_gb": _peak_gb(bb.device)}
 
 
 def time_encoding(bb: Backbone, n_docs: int, max_length: int, batch_size: int) -> dict:
@@ -207,7 +244,7 @@ def _gib(part: dict) -> str:
     return "n/a GiB" if part.get("peak_memory_gb") is None else f"{part['peak_memory_gb']:.1f} GiB"
 
 
-STAGES = ("pretrain", "retriever", "generator", "encoding")
+STAGES = ("pretrain", "retriever", "generator", "fully_shared", "encoding")
 
 
 def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = None,
@@ -256,6 +293,17 @@ def run(config: Path, shape: str, steps: int, n_docs: int, device: str | None = 
         generation = generator_settings(cfg)
         training("generator", _measured("generator", bb, lambda: time_generator(bb, generation, steps)),
                  generation.steps, lambda part: head_flops(part["answer_tokens_per_step"]))
+    if "fully_shared" in stages:
+        retrieval, generation = retriever_settings(cfg), generator_settings(cfg)
+        part = _measured("fully_shared", bb, lambda: time_fully_shared(bb, retrieval, generation, steps))
+        if not part.get("out_of_memory"):  # both parts' tokens; the attention term is linear in the mean length,
+            r, g = part["retrieval"], part["generation"]  # so the token-weighted mean gives both parts' FLOPs exactly
+            total = r["tokens_per_step"] + g["tokens_per_step"]
+            part.update(tokens_per_step=total,
+                        mean_tokens=(r["tokens_per_step"] * r["mean_tokens"] + g["tokens_per_step"] * g["mean_tokens"])
+                        / total)
+        training("fully_shared", part, retrieval.steps,
+                 lambda part: head_flops(part["generation"]["answer_tokens_per_step"]))
     if "encoding" not in stages:
         return figures
     part = _measured("encoding", bb, lambda: time_encoding(bb, n_docs, cfg["common"]["max_length"],

@@ -47,6 +47,14 @@ def groups() -> list[dict]:
             for i, q in enumerate(QUESTIONS)]
 
 
+def tiny_prag_settings():
+    """Parametric RAG's settings at the tiny model's size: one paraphrase and one QA pair, a few tokens each."""
+    from bsharedrag.prag import PRAGSettings
+
+    return PRAGSettings(learning_rate=1e-2, paraphrases=1, qa_pairs=1, augment_max_new_tokens=6, max_retries=1,
+                        doc_max_tokens=24, train_max_tokens=48)
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -126,10 +134,9 @@ def test_fully_shared_lora_takes_both_losses_on_cuda(tmp_path):
 
 def test_parametric_rag_trains_merges_and_answers_on_cuda(tmp_path):
     from bsharedrag.generator import DecodeSettings, GeneratorSettings
-    from bsharedrag.prag import DocumentAdapterCache, ParametricRAG, PRAGSettings
+    from bsharedrag.prag import DocumentAdapterCache, ParametricRAG
 
-    settings = PRAGSettings(learning_rate=1e-2, paraphrases=1, qa_pairs=1, augment_max_new_tokens=6, max_retries=1,
-                            doc_max_tokens=24, train_max_tokens=48)
+    settings = tiny_prag_settings()
     bb = cuda_backbone()
     before = {n: p.detach().clone() for n, p in bb.model.named_parameters()}
     cache = DocumentAdapterCache(tmp_path, bb, settings)
@@ -149,10 +156,9 @@ def test_a_batch_of_questions_each_with_its_own_document_merge_runs_on_cuda_as_e
     from peft import PeftModel
 
     from bsharedrag.generator import DecodeSettings, GeneratorSettings
-    from bsharedrag.prag import DocumentAdapterCache, ParametricRAG, PRAGSettings, merged_document_sets
+    from bsharedrag.prag import DocumentAdapterCache, ParametricRAG, merged_document_sets
 
-    settings = PRAGSettings(learning_rate=1e-2, paraphrases=1, qa_pairs=1, augment_max_new_tokens=6, max_retries=1,
-                            doc_max_tokens=24, train_max_tokens=48)
+    settings = tiny_prag_settings()
     bb = cuda_backbone()
     cache = DocumentAdapterCache(tmp_path, bb, settings)
     docs = list(DOCS.items())[:3]

@@ -33,7 +33,7 @@ def test_scalebench_runs_only_the_stages_asked_for(tmp_path):
                             "--device", "cpu", "--compute-dtype", "float32", "--stages", "pretrain",
                             "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
-    assert figures["pretrain"]["seconds_per_step"] > 0 and not {"retriever", "generator", "encoding"} & set(figures)
+    assert figures["pretrain"]["seconds_per_step"] > 0 and not {"retriever", "generator", "fully_shared", "encoding"} & set(figures)
 
 
 def test_scalebench_refuses_an_unknown_shape_and_empty_work():

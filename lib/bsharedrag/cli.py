@@ -2,7 +2,8 @@
 RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag
 heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR [RUN_DIR ...]`
 prints 07's table and the paper's directions so far, over one run or several gathered (and with `--out DIR` writes its
-tables and figures); `bsharedrag archive RUN_DIR` keeps a run's result files in git under docs/runs/."""
+tables and figures); `bsharedrag archive RUN_DIR` keeps a run's result files in git under docs/runs/; `bsharedrag diff RUN_A RUN_B` says
+whether two runs' quality figures agree."""
 
 from __future__ import annotations
 
@@ -120,6 +121,14 @@ def archive(args: argparse.Namespace) -> int:
     return 0
 
 
+def diff(args: argparse.Namespace) -> int:
+    from .rundiff import describe, diff_runs
+
+    d = diff_runs(args.run_a, args.run_b, args.tolerance)
+    print(describe(d, args.tolerance, args.show))
+    return 0 if d.agree else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bsharedrag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,11 +170,18 @@ def main(argv: list[str] | None = None) -> int:
                        "in git under docs/runs/<run_id>, so they outlive the run's machine")
     p.add_argument("run_dir", help="outputs/<run_id>")
     p.add_argument("--to", help="archive folder (default: docs/runs of this checkout)")
+    p = sub.add_parser("diff", help="whether two runs agree: every quality figure of their metrics.json files and 07's "
+                       "rows side by side, times and memory left out; exit status 1 where any differs")
+    p.add_argument("run_a", help="outputs/<run_id> or docs/runs/<run_id>")
+    p.add_argument("run_b", help="the run to set beside it, e.g. the same config on another machine or commit")
+    p.add_argument("--tolerance", type=float, default=0.0, help="numbers at most this far apart count as close, not "
+                   "different (default 0: equal to the last digit)")
+    p.add_argument("--show", type=int, default=30, help="differing fields listed (default 30)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         return {"ask": ask, "compare": compare, "heldout": heldout, "results": results,
-                "archive": archive}[args.command](args)
+                "archive": archive, "diff": diff}[args.command](args)
     except (FileNotFoundError, ValueError) as err:
         print(f"bsharedrag {args.command}: {err}", file=sys.stderr)
         return 2

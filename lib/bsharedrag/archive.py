@@ -21,10 +21,7 @@ MAX_FILE_BYTES = 1 << 20  # any kept file above this is not a summary: refuse ra
 
 def kept_files(run_dir: str | Path) -> list[Path]:
     """The files of `run_dir` an archive keeps, relative to it."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "resolved.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (it has no resolved.yaml); runs are under "
-                                f"{paths.OUTPUTS}")
+    run_dir = paths.run_folder(run_dir, f"runs are under {paths.OUTPUTS}")
     files = sorted({p.relative_to(run_dir) for pattern in KEPT for p in run_dir.glob(pattern) if p.is_file()})
     too_big = [f"{f} ({(run_dir / f).stat().st_size:,} bytes)" for f in files
                if (run_dir / f).stat().st_size > MAX_FILE_BYTES]

@@ -2,8 +2,8 @@
 RUN_DIR A B [--b-run OTHER]` tests whether two retrievers of its 06 (or of two runs on one split) differ; `bsharedrag
 heldout RUN_DIR` scores its retrievers on every question it never trained on; `bsharedrag results RUN_DIR [RUN_DIR ...]`
 prints 07's table and the paper's directions so far, over one run or several gathered (and with `--out DIR` writes its
-tables and figures); `bsharedrag archive RUN_DIR` keeps a run's result files in git under docs/runs/; `bsharedrag diff RUN_A RUN_B` says
-whether two runs' quality figures agree."""
+tables and figures); `bsharedrag archive RUN_DIR` keeps a run's result files in git under docs/runs/; `bsharedrag
+diff RUN_A RUN_B` says whether two runs' quality figures agree."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import paths
 from .artefacts import atomic_write_json
 from .backbone import load_backbone
 from .config import load_config
@@ -54,9 +55,7 @@ def evaluate_heldout(run_dir: str | Path, dataset: str = "epqa", systems: list[s
     """
     from . import plots
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "resolved.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no resolved.yaml); give outputs/<run_id>")
+    run_dir = paths.run_folder(run_dir)
     cfg = load_config(run_dir / "resolved.yaml")
     common = cfg["common"]
     if dataset not in common["datasets"]:

@@ -17,6 +17,14 @@ MIRROR_ENV = "BSHAREDRAG_DATA_MIRROR"
 CACHE_ENV = "BSHAREDRAG_CACHE"
 
 
+def run_folder(run_dir: str | Path, hint: str = "give outputs/<run_id>") -> Path:
+    """`run_dir` as a Path where it holds a run (its resolved.yaml); otherwise FileNotFoundError naming it and `hint`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "resolved.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no resolved.yaml); {hint}")
+    return run_dir
+
+
 def data_mirror() -> Path:
     """The local mirror of public data: $BSHAREDRAG_DATA_MIRROR, else ../shared/data beside the checkout."""
     return Path(os.environ.get(MIRROR_ENV) or REPO_ROOT.parent / "shared" / "data")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import faiss
 
+from . import paths
 from .adapters import AdapterSwitch
 from .backbone import Backbone, load_backbone
 from .config import load_config
@@ -70,9 +71,7 @@ class BSharedRAG:
         `shared=False` loads a second copy of the backbone for the generation adapter: the same work done by two
         separately loaded models, which the efficiency comparison measures against.
         """
-        run_dir = Path(run_dir)
-        if not (run_dir / "resolved.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run folder (no resolved.yaml); give outputs/<run_id>")
+        run_dir = paths.run_folder(run_dir)
         cfg = load_config(run_dir / "resolved.yaml")
         common = cfg["common"]
         name = dataset or common["datasets"][0]

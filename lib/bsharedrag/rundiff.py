@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import paths
+
 METRICS = ("*/metrics.json", "heldout/metrics_*.json")
 ROWS = "07_ablations/results.jsonl"
 # a field whose name says it measures the machine, or names a file or a resumed step, is no quality figure
@@ -38,10 +40,7 @@ def _row_key(row: dict, line: int, where: Path) -> str:
 
 def quality_fields(run_dir: str | Path) -> dict[str, object]:
     """Every quality figure of a run, by a path that names its file and its place in it."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "resolved.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (it has no resolved.yaml): give outputs/<run_id> or "
-                                "docs/runs/<run_id>")
+    run_dir = paths.run_folder(run_dir, "give outputs/<run_id> or docs/runs/<run_id>")
     fields: dict[str, object] = {}
 
     def add(prefix: str, value) -> None:

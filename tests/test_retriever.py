@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from peft.helpers import disable_input_dtype_casting
 
-from bsharedrag.backbone import load_backbone
+from bsharedrag.backbone import load_backbone, tokenize_for_embedding
 from bsharedrag.mining import MiningSettings, mine_hard_negatives, random_negatives
 from bsharedrag.retriever import (RetrieverSettings, add_retrieval_adapter, attach_retrieval_adapter,
                                   global_batch, save_retrieval_adapter, train_retrieval_adapter, train_step,
@@ -73,6 +74,32 @@ def test_length_buckets_embed_each_row_as_if_it_were_alone_and_keep_the_order(po
         bucketed = _encode(encoder, bb.tokenizer, rows, bb.device)
         alone = torch.cat([_encode(encoder, bb.tokenizer, [row], bb.device) for row in rows])
     torch.testing.assert_close(bucketed, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_input_casts_off_under_autocast_change_no_bit(small_epqa):
+    # 01, 03, 04 and PRAG train with peft's LoRA input casts off: under autocast they only copy a bf16 activation to
+    # the fp32 adapter's dtype and back, so the embeddings and every gradient must come out the same to the last bit.
+    bb = load_backbone("tiny-random-gemma3", compute_dtype="bfloat16")
+    model = add_retrieval_adapter(bb, RetrieverSettings(lora_r=4))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    lora = [p for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora[0].dtype == torch.float32 and bb.held_dtype == torch.bfloat16  # so peft's casts do run when on
+    rows = tokenize_for_embedding(bb.tokenizer, small_epqa.passages()[:6], 48, warn=False)
+    model.train()
+    outcome = []
+    for casts in (True, False):
+        with disable_input_dtype_casting(model, active=not casts), torch.autocast("cpu", dtype=torch.bfloat16):
+            embeddings = _encode(PooledEncoder(model, "mean"), bb.tokenizer, rows, bb.device)
+        embeddings.float().pow(2).sum().backward()
+        outcome.append((embeddings.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    (with_casts, grads_with), (without, grads_without) = outcome
+    assert torch.equal(with_casts, without)
+    assert grads_with.keys() == grads_without.keys() and all(torch.equal(grads_with[n], grads_without[n])
+                                                             for n in grads_with)
 
 
 def _grads(small_epqa, mined, chunk_size):

@@ -211,6 +211,7 @@ def test_bench_times_the_run_s_training_step_bucketed_and_in_one_pass(tiny_run):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["train_step_one_pass_s"] > 0 and figures["train_step_bucketed_s"] > 0
     assert figures["train_step_bucketed_over_one_pass"] > 0 and figures["train_steps"] == 2
+    assert figures["train_step_without_over_with_peft_casts"] > 0 and figures["train_step_peft_casts_same_loss"]
 
 
 def test_rankings_saved_by_06_reproduce_its_metrics(tiny_run):

@@ -1,6 +1,7 @@
 """Encoding benchmark: backbone + retrieval adapter throughput against the machine's measured matmul limits and
 against sentence-transformers encoding the same model in the same run; query latency (encode + search); with a run
-whose 02 is done, the retriever's training step with its texts in length buckets against one padded pass, paired.
+whose 02 is done, the retriever's training step with its texts in length buckets against one padded pass, and
+without peft's LoRA input casts against with them, paired.
 
     python -m bsharedrag.bench [--run outputs/RUN_ID] [--docs 512] [--queries 50] [--train-steps 6] [--compile]
 """
@@ -142,9 +143,13 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
 
 
 def time_train_steps(run_dir: Path, steps: int) -> dict:
-    """Seconds of the retriever's training step (forward + backward, the run's 03 settings, its mined `hard` groups)
-    with the texts in `retriever.LENGTH_BUCKETS` length buckets against one padded pass, on the same batches, in
-    alternating order; the median of the per-step ratios is the figure (the machine drifts less within a pair)."""
+    """Seconds of the retriever's training step (forward + backward, the run's 03 settings, its mined `hard` groups),
+    three ways on the same batches in rotating order: as 03 trains (texts in `retriever.LENGTH_BUCKETS` length
+    buckets, peft's LoRA input casts off under autocast), in one padded pass, and with peft's input casts on. The
+    medians of the per-step ratios are the figures (the machine drifts less within a step); the casts must leave the
+    loss unchanged to the last bit."""
+    from peft.helpers import disable_input_dtype_casting
+
     from .data import load_sets
 
     cfg = load_config(Path(run_dir) / "resolved.yaml")
@@ -157,18 +162,29 @@ def time_train_steps(run_dir: Path, steps: int) -> dict:
     model.train()
     accelerator = accelerator_for(bb.dtype, bb.device)
     encoder = accelerator.prepare(retriever.PooledEncoder(model, settings.pooling))
-    seconds: dict[int, list[float]] = {1: [], retriever.LENGTH_BUCKETS: []}
+    arms = {"bucketed": (retriever.LENGTH_BUCKETS, False), "one_pass": (1, False),
+            "peft_casts": (retriever.LENGTH_BUCKETS, True)}
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    losses: dict[str, list[float]] = {name: [] for name in arms}
     for step in range(steps):
         batch = retriever.global_batch(groups, step, settings.batch_size, settings.n_negatives, settings.seed)
-        for buckets in sorted(seconds, reverse=step % 2 == 1):
-            start = time.perf_counter()
-            retriever.train_step(encoder, bb.tokenizer, batch, doc_text, settings, accelerator, buckets=buckets)
-            seconds[buckets].append(time.perf_counter() - start)
+        names = list(arms)
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            buckets, casts = arms[name]
+            with disable_input_dtype_casting(model, active=not casts):
+                start = time.perf_counter()
+                losses[name].append(retriever.train_step(encoder, bb.tokenizer, batch, doc_text, settings,
+                                                         accelerator, buckets=buckets))
+                seconds[name].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-    one, bucketed = np.array(seconds[1]), np.array(seconds[retriever.LENGTH_BUCKETS])
+    s = {name: np.array(v) for name, v in seconds.items()}
     return {"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
-            "train_step_one_pass_s": float(np.median(one)), "train_step_bucketed_s": float(np.median(bucketed)),
-            "train_step_bucketed_over_one_pass": float(np.median(bucketed / one))}
+            "train_step_one_pass_s": float(np.median(s["one_pass"])),
+            "train_step_bucketed_s": float(np.median(s["bucketed"])),
+            "train_step_bucketed_over_one_pass": float(np.median(s["bucketed"] / s["one_pass"])),
+            "train_step_peft_casts_s": float(np.median(s["peft_casts"])),
+            "train_step_without_over_with_peft_casts": float(np.median(s["bucketed"] / s["peft_casts"])),
+            "train_step_peft_casts_same_loss": losses["bucketed"] == losses["peft_casts"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{figures['train_step_one_pass_s']:.2f} s, {figures['train_buckets']} length buckets "
               f"{figures['train_step_bucketed_s']:.2f} s; bucketed / one pass = "
               f"{figures['train_step_bucketed_over_one_pass']:.2f} (median of the pairs)")
+        print(f"the same bucketed step with peft's LoRA input casts on: {figures['train_step_peft_casts_s']:.2f} s; "
+              f"without / with = {figures['train_step_without_over_with_peft_casts']:.2f} (median of the pairs), "
+              f"losses {'identical' if figures['train_step_peft_casts_same_loss'] else 'DIFFERENT'}")
     print(f"figures written to {out}")
     return 0
 

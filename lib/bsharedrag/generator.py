@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.helpers import disable_input_dtype_casting
 
 from . import adapters
 from .artefacts import ADDED_LATER_FIELD, CHECKPOINT_FINGERPRINT, atomic_write_json, resumable_checkpoint, \
@@ -256,7 +257,8 @@ def train_generation_adapter(backbone: Backbone, examples: list[dict], settings:
     trainer = _answer_only_trainer()(model=model, args=args, train_dataset=data, processing_class=backbone.tokenizer)
     resume = last_complete_checkpoint(checkpoint_dir) if settings.save_every else None
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with disable_input_dtype_casting(model):  # autocast casts a LoRA's input itself (retriever.py says why)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     model.eval()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"losses": losses, "seconds": time.perf_counter() - began, "resumed": resume is not None,
@@ -320,8 +322,10 @@ def generate(backbone: Backbone, prompts: list[str], decode: DecodeSettings, ada
     model = backbone.model
     label = "per-prompt adapters" if per_prompt else adapter or "base"
     try:
+        # An adapter trained in this process (04's preview, 07) or merged from document LoRAs (PRAG) is fp32: under
+        # autocast, peft's cast of its input to fp32 is undone at once (retriever.py's training loop says more).
         with (contextlib.nullcontext() if per_prompt else active_adapter(backbone, adapter)), torch.inference_mode(), \
-                autocast(backbone.device, backbone.dtype):
+                autocast(backbone.device, backbone.dtype), disable_input_dtype_casting(model):
             for b, start in enumerate(progress(starts, total=len(starts), desc=f"generate ({label})")):
                 rows = order[start:start + decode.batch_size]
                 batch = tok.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(backbone.device)

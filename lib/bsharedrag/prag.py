@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.helpers import disable_input_dtype_casting
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save, save_file
 
@@ -449,19 +450,20 @@ def train_document_adapter(backbone: Backbone, doc_text: str, augmentation: dict
         model.set_adapter(TRAINING)  # peft: the active adapter alone is trainable
         params = [p for n, p in model.named_parameters() if f".{TRAINING}." in n]
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-        for _ in range(settings.epochs):
-            shuffled = order.sample(range(len(rows)), len(rows))
-            for start in range(0, len(shuffled), per_step):
-                ids, mask, labels = text_batch([rows[i] for i in shuffled[start:start + per_step]], pad_id,
-                                               backbone.device)
-                with autocast(backbone.device, backbone.dtype):
-                    total, count = causal_lm_nll(model, ids, mask, labels)
-                loss = total / count
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                tokens += count
+        with disable_input_dtype_casting(model):  # autocast casts a LoRA's input itself (retriever.py says why)
+            for _ in range(settings.epochs):
+                shuffled = order.sample(range(len(rows)), len(rows))
+                for start in range(0, len(shuffled), per_step):
+                    ids, mask, labels = text_batch([rows[i] for i in shuffled[start:start + per_step]], pad_id,
+                                                   backbone.device)
+                    with autocast(backbone.device, backbone.dtype):
+                        total, count = causal_lm_nll(model, ids, mask, labels)
+                    loss = total / count
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss.item())
+                    tokens += count
         state = get_peft_model_state_dict(model, adapter_name=TRAINING)
         state = {k: v.detach().cpu().clone() for k, v in state.items()}
     return {"state": state, "stats": {"steps": len(losses), "seconds": time.perf_counter() - began, "tokens": tokens,

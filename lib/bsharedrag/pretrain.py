@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.helpers import disable_input_dtype_casting
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from . import paths
@@ -352,22 +353,24 @@ def continue_pretraining(backbone: Backbone, packed: PackedMix, settings: Pretra
     global_size = settings.batch_size * accelerator.num_processes
     rank = accelerator.process_index
     began = time.perf_counter() - seconds
-    for step in progress(range(start, settings.steps), total=settings.steps - start, desc="pre-training"):
-        batch = training_batch(packed, step, global_size, settings.general_ratio, settings.seed)
-        loss = lm(batch[rank * settings.batch_size:(rank + 1) * settings.batch_size].to(accelerator.device))
-        accelerator.backward(loss)
-        if settings.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
-        done = step + 1
-        if latest is not None and settings.save_every and (done % settings.save_every == 0 or done == settings.steps):
-            if accelerator.is_main_process:
-                _save_checkpoint(latest, model, optimizer, scheduler, done, losses, time.perf_counter() - began,
-                                 fingerprint)
-            accelerator.wait_for_everyone()
+    with disable_input_dtype_casting(model):  # autocast casts a LoRA's input itself (retriever.py says why)
+        for step in progress(range(start, settings.steps), total=settings.steps - start, desc="pre-training"):
+            batch = training_batch(packed, step, global_size, settings.general_ratio, settings.seed)
+            loss = lm(batch[rank * settings.batch_size:(rank + 1) * settings.batch_size].to(accelerator.device))
+            accelerator.backward(loss)
+            if settings.max_grad_norm:
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                            settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
+            done = step + 1
+            if latest is not None and settings.save_every and (done % settings.save_every == 0 or done == settings.steps):
+                if accelerator.is_main_process:
+                    _save_checkpoint(latest, model, optimizer, scheduler, done, losses, time.perf_counter() - began,
+                                     fingerprint)
+                accelerator.wait_for_everyone()
     if merge:
         merge_into_backbone(backbone)
     else:

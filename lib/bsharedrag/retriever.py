@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.helpers import disable_input_dtype_casting
 from transformers import get_linear_schedule_with_warmup
 
 from . import adapters
@@ -262,27 +263,31 @@ def train_retrieval_adapter(backbone: Backbone, groups: list[dict], doc_text: di
     global_size = settings.batch_size * accelerator.num_processes
     rank = accelerator.process_index
     began = time.perf_counter()
-    for step in progress(range(start, settings.steps), total=settings.steps - start, desc="retriever"):
-        batch = global_batch(groups, step, global_size, settings.n_negatives, settings.seed)
-        mine = batch[rank * settings.batch_size:(rank + 1) * settings.batch_size]
-        if retrieval_weight > 0:
-            losses.append(train_step(encoder, backbone.tokenizer, mine, doc_text, settings, accelerator,
-                                     retrieval_weight))
-        else:
-            losses.append(float("nan"))
-        if auxiliary is not None:
-            auxiliary_losses.append(auxiliary(step, model, accelerator))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if validate is not None and validate_every and (done % validate_every == 0 or done == settings.steps):
-            model.eval()
-            history.append({"step": done, **validate(done)})
-            model.train()
-        if latest is not None and settings.save_every and done % settings.save_every == 0 and accelerator.is_main_process:
-            _save_checkpoint(latest, model, settings.method, optimizer, scheduler, done, losses, history,
-                             auxiliary_losses, fingerprint)
+    # Every forward below runs under autocast, which casts a LoRA's input itself: peft's own cast to the fp32
+    # adapter's dtype (undone at once by autocast) copies each activation twice more for the same values.
+    with disable_input_dtype_casting(model):
+        for step in progress(range(start, settings.steps), total=settings.steps - start, desc="retriever"):
+            batch = global_batch(groups, step, global_size, settings.n_negatives, settings.seed)
+            mine = batch[rank * settings.batch_size:(rank + 1) * settings.batch_size]
+            if retrieval_weight > 0:
+                losses.append(train_step(encoder, backbone.tokenizer, mine, doc_text, settings, accelerator,
+                                         retrieval_weight))
+            else:
+                losses.append(float("nan"))
+            if auxiliary is not None:
+                auxiliary_losses.append(auxiliary(step, model, accelerator))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if validate is not None and validate_every and (done % validate_every == 0 or done == settings.steps):
+                model.eval()
+                history.append({"step": done, **validate(done)})
+                model.train()
+            if latest is not None and settings.save_every and done % settings.save_every == 0 \
+                    and accelerator.is_main_process:
+                _save_checkpoint(latest, model, settings.method, optimizer, scheduler, done, losses, history,
+                                 auxiliary_losses, fingerprint)
     model.eval()
     return {"losses": losses, "validation": history, "seconds": time.perf_counter() - began,
             "processes": accelerator.num_processes, "auxiliary_losses": auxiliary_losses}

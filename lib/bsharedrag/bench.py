@@ -1,7 +1,7 @@
 """Encoding benchmark: backbone + retrieval adapter throughput against the machine's measured matmul limits and
 against sentence-transformers encoding the same model in the same run; query latency (encode + search); with a run
 whose 02 is done, the retriever's training step with its texts in length buckets against one padded pass, and
-without peft's LoRA input casts against with them, paired.
+without peft's LoRA input casts against with them, paired (with --compile also torch.compile'd against eager).
 
     python -m bsharedrag.bench [--run outputs/RUN_ID] [--docs 512] [--queries 50] [--train-steps 6] [--compile]
 """
@@ -142,12 +142,13 @@ def run_benchmark(run_dir: Path | None, n_docs: int, n_queries: int, max_length:
     return figures
 
 
-def time_train_steps(run_dir: Path, steps: int) -> dict:
+def time_train_steps(run_dir: Path, steps: int, compiled: bool = False) -> dict:
     """Seconds of the retriever's training step (forward + backward, the run's 03 settings, its mined `hard` groups),
     three ways on the same batches in rotating order: as 03 trains (texts in `retriever.LENGTH_BUCKETS` length
     buckets, peft's LoRA input casts off under autocast), in one padded pass, and with peft's input casts on. The
     medians of the per-step ratios are the figures (the machine drifts less within a step); the casts must leave the
-    loss unchanged to the last bit."""
+    loss unchanged to the last bit. `compiled` adds a fourth arm, 03's step through torch.compile (the same weights),
+    after two steps of compiling that are timed apart: what compiling costs against what it saves a step."""
     from peft.helpers import disable_input_dtype_casting
 
     from .data import load_sets
@@ -162,23 +163,39 @@ def time_train_steps(run_dir: Path, steps: int) -> dict:
     model.train()
     accelerator = accelerator_for(bb.dtype, bb.device)
     encoder = accelerator.prepare(retriever.PooledEncoder(model, settings.pooling))
-    arms = {"bucketed": (retriever.LENGTH_BUCKETS, False), "one_pass": (1, False),
-            "peft_casts": (retriever.LENGTH_BUCKETS, True)}
+    arms = {"bucketed": (encoder, retriever.LENGTH_BUCKETS, False), "one_pass": (encoder, 1, False),
+            "peft_casts": (encoder, retriever.LENGTH_BUCKETS, True)}
+    figures: dict = {}
+    if compiled:  # a wrapper: the eager arms keep running the same module uncompiled
+        arms["compiled"] = (torch.compile(encoder, dynamic=True), retriever.LENGTH_BUCKETS, False)
+        start = time.perf_counter()
+        with disable_input_dtype_casting(model):
+            for warm in range(2):  # batches the timed steps do not use; the second catches a recompilation
+                batch = retriever.global_batch(groups, steps + warm, settings.batch_size, settings.n_negatives,
+                                               settings.seed)
+                retriever.train_step(arms["compiled"][0], bb.tokenizer, batch, doc_text, settings, accelerator)
+                model.zero_grad(set_to_none=True)
+        figures["train_compile_seconds"] = time.perf_counter() - start
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     losses: dict[str, list[float]] = {name: [] for name in arms}
     for step in range(steps):
         batch = retriever.global_batch(groups, step, settings.batch_size, settings.n_negatives, settings.seed)
         names = list(arms)
         for name in names[step % len(names):] + names[:step % len(names)]:
-            buckets, casts = arms[name]
+            module, buckets, casts = arms[name]
             with disable_input_dtype_casting(model, active=not casts):
                 start = time.perf_counter()
-                losses[name].append(retriever.train_step(encoder, bb.tokenizer, batch, doc_text, settings,
+                losses[name].append(retriever.train_step(module, bb.tokenizer, batch, doc_text, settings,
                                                          accelerator, buckets=buckets))
                 seconds[name].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
     s = {name: np.array(v) for name, v in seconds.items()}
-    return {"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
+    if compiled:
+        figures.update({"train_step_compiled_s": float(np.median(s["compiled"])),
+                        "train_step_compiled_over_eager": float(np.median(s["compiled"] / s["bucketed"])),
+                        "train_step_compiled_max_loss_difference":
+                            float(np.max(np.abs(np.array(losses["compiled"]) - np.array(losses["bucketed"]))))})
+    return figures | {"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
             "train_step_one_pass_s": float(np.median(s["one_pass"])),
             "train_step_bucketed_s": float(np.median(s["bucketed"])),
             "train_step_bucketed_over_one_pass": float(np.median(s["bucketed"] / s["one_pass"])),
@@ -193,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=512)
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=6, help="paired retriever training steps (needs --run); 0 skips")
-    parser.add_argument("--compile", action="store_true", help="also time the encoding with the body torch.compile'd")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the encoding and (with --run) the training step torch.compile'd")
     args = parser.parse_args(argv)
     figures = run_benchmark(args.run, args.docs, args.queries, compiled=args.compile)
     if args.run and args.train_steps:
-        figures.update(time_train_steps(args.run, args.train_steps))
+        figures.update(time_train_steps(args.run, args.train_steps, compiled=args.compile))
     out = paths.OUTPUTS / "bench" / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic_write_json(out, figures)
     print(f"matmul limit (measured now): fp32 {figures['fp32_tflops']:.3f} TFLOP/s, bf16 {figures['bf16_tflops']:.4f} TFLOP/s")
@@ -227,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the same bucketed step with peft's LoRA input casts on: {figures['train_step_peft_casts_s']:.2f} s; "
               f"without / with = {figures['train_step_without_over_with_peft_casts']:.2f} (median of the pairs), "
               f"losses {'identical' if figures['train_step_peft_casts_same_loss'] else 'DIFFERENT'}")
+    if "train_step_compiled_s" in figures:
+        saved = figures["train_step_bucketed_s"] - figures["train_step_compiled_s"]
+        print(f"the same bucketed step torch.compile'd: {figures['train_step_compiled_s']:.2f} s; compiled / eager = "
+              f"{figures['train_step_compiled_over_eager']:.2f} (median of the pairs), after "
+              f"{figures['train_compile_seconds']:.0f} s compiling"
+              + (f", repaid after ~{figures['train_compile_seconds'] / saved:.0f} steps" if saved > 0 else "")
+              + f"; losses differ by at most {figures['train_step_compiled_max_loss_difference']:.1e}")
     print(f"figures written to {out}")
     return 0
 

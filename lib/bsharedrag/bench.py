@@ -190,18 +190,19 @@ def time_train_steps(run_dir: Path, steps: int, compiled: bool = False) -> dict:
                 seconds[name].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
     s = {name: np.array(v) for name, v in seconds.items()}
+    figures.update({"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
+                    "train_step_one_pass_s": float(np.median(s["one_pass"])),
+                    "train_step_bucketed_s": float(np.median(s["bucketed"])),
+                    "train_step_bucketed_over_one_pass": float(np.median(s["bucketed"] / s["one_pass"])),
+                    "train_step_peft_casts_s": float(np.median(s["peft_casts"])),
+                    "train_step_without_over_with_peft_casts": float(np.median(s["bucketed"] / s["peft_casts"])),
+                    "train_step_peft_casts_same_loss": losses["bucketed"] == losses["peft_casts"]})
     if compiled:
         figures.update({"train_step_compiled_s": float(np.median(s["compiled"])),
                         "train_step_compiled_over_eager": float(np.median(s["compiled"] / s["bucketed"])),
                         "train_step_compiled_max_loss_difference":
                             float(np.max(np.abs(np.array(losses["compiled"]) - np.array(losses["bucketed"]))))})
-    return figures | {"train_steps": steps, "train_buckets": retriever.LENGTH_BUCKETS,
-            "train_step_one_pass_s": float(np.median(s["one_pass"])),
-            "train_step_bucketed_s": float(np.median(s["bucketed"])),
-            "train_step_bucketed_over_one_pass": float(np.median(s["bucketed"] / s["one_pass"])),
-            "train_step_peft_casts_s": float(np.median(s["peft_casts"])),
-            "train_step_without_over_with_peft_casts": float(np.median(s["bucketed"] / s["peft_casts"])),
-            "train_step_peft_casts_same_loss": losses["bucketed"] == losses["peft_casts"]}
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:

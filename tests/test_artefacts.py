@@ -1,10 +1,11 @@
-"""Atomic folders survive a kill at any point: what a killed write left on disk is repaired by the next one."""
+"""Atomic folders survive a kill at any point: what a killed write left on disk is repaired by the next one; a
+damaged JSON-lines artefact is named, line and all."""
 
 import os
 
 import pytest
 
-from bsharedrag.artefacts import atomic_dir
+from bsharedrag.artefacts import atomic_dir, atomic_write_jsonl, read_jsonl
 
 
 def _folder(path, text):
@@ -54,3 +55,13 @@ def test_staging_folders_of_dead_writers_are_swept_and_others_kept(tmp_path, tal
     assert not any(p.exists() for p in dead)
     assert live.is_dir() and other.is_dir() and tmp_file.is_file()
     assert (target / "manifest.json").read_text() == "v2"
+
+
+def test_json_lines_round_trip_and_a_damaged_line_is_named_with_the_fix(tmp_path, tally):
+    rows = [{"qid": "q1", "answer": "两年保修"}, {"qid": "q2", "answer": "yes"}]
+    path = atomic_write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert read_jsonl(path) == rows
+    path.write_text(path.read_text(encoding="utf-8") + "\n" + '{"qid": "q3", "ans', encoding="utf-8")
+    tally("bad inputs tried")
+    with pytest.raises(ValueError, match=r"rows.jsonl:4: not a JSON line .*rerun the step that wrote it"):
+        read_jsonl(path)

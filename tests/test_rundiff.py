@@ -65,5 +65,5 @@ def test_bad_input_is_named(tmp_path, capsys):
     assert main(["diff", str(a), str(tmp_path / "nowhere")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     (a / "07_ablations" / "results.jsonl").write_text('{"dataset": "epqa"}\n')
-    with pytest.raises(ValueError, match="line 1 has no 'variant'"):
+    with pytest.raises(ValueError, match="row 1 has no 'variant'"):
         quality_fields(a)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artefacts import atomic_write_json, atomic_write_text, sha256_file, sha256_json
+from .artefacts import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file, sha256_json
 from .backbone import Backbone, load_backbone
 from .config import identifying
 from .data import RetrievalDataset
@@ -171,7 +171,7 @@ class Ablation:
         path = self.run_dir / "04_generator" / "examples.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: 07 trains generators on 04's examples; run 04 first")
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(path)
 
 
 def open_ablation(run_dir: str | Path, out_dir: str | Path, questions: int, decode: dict[str, DecodeSettings]) -> Ablation:
@@ -329,8 +329,7 @@ def saved_answers(ab: Ablation, row: dict) -> dict[str, str]:
     path = ab.run_dir / row["answers_file"] if row.get("answers_file") else None
     if path is None or not path.is_file():
         return {}
-    lines = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    return {r["qid"]: r["answer"] for r in lines if r.get("system") == row.get("answers_system")}
+    return {r["qid"]: r["answer"] for r in read_jsonl(path) if r.get("system") == row.get("answers_system")}
 
 
 def backbone_mb(bb: Backbone) -> float:
@@ -638,8 +637,7 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
         "prag": prag_settings.__dict__ if prag_settings is not None else None, "prag_datasets": prag_datasets,
         "prag_questions": prag_questions, "separate_learning_rate": separate_learning_rate}))
     results_path = ab.out_dir / "results.jsonl"
-    done = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()] \
-        if results_path.is_file() else []
+    done = read_jsonl(results_path) if results_path.is_file() else []
     rows = [r for r in done if r["variant"] not in skipped]  # never keep a skipped variant's row from an older run
 
     def have(variant: str, seed: int) -> list[dict]:
@@ -647,7 +645,7 @@ def run_variants(ab: Ablation, variants: list[str], seeds: list[int], lambdas: l
 
     def keep(new: list[dict]) -> list[dict]:
         rows.extend(new)
-        atomic_write_text(results_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(results_path, rows)
         return new
 
     todo = [v for v in variants if v not in skipped]
@@ -721,7 +719,7 @@ def gather(run_dirs: list[str | Path]) -> pd.DataFrame:
         path = Path(run) / "07_ablations" / "results.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run 07_ablations in {run} first")
-        frame = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        frame = pd.DataFrame(read_jsonl(path))
         frames.append(frame.assign(run=Path(run).name, context=replicate_context(run)))
     return pd.concat(frames, ignore_index=True)
 

@@ -40,6 +40,26 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def atomic_write_jsonl(path: str | Path, rows: Any) -> Path:
+    """One JSON object a line (mined groups, training examples, answers, 07's rows), all written or none."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list:
+    """The rows of a JSON-lines file this package wrote; blank lines are skipped. A line that does not parse names
+    the file and the line, so an edited or damaged artefact is not mistaken for a bug."""
+    rows = []
+    for line_no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not a JSON line ({err.msg}); the file was edited or damaged: "
+                             "restore it, or delete it and rerun the step that wrote it") from None
+    return rows
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artefacts import atomic_write_json, atomic_write_text
+from .artefacts import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .backbone import Backbone
 from .data import RetrievalDataset
 from .generator import (
@@ -95,14 +95,13 @@ def evaluate_generation(sets: dict[str, RetrievalDataset], systems: list[str], r
                       "references": refs}
                      for q, question, found, answer, refs in zip(queries["qid"], queries["text"], docs, answers,
                                                                  references)]
-        atomic_write_text(Path(out_dir) / "generations" / f"{name}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_jsonl(Path(out_dir) / "generations" / f"{name}.jsonl", rows)
     return results
 
 
 def side_by_side(generations_file: str | Path, n: int = 3, seed: int = 0) -> pd.DataFrame:
     """A few questions with every system's answer next to the reference (from a saved generations file)."""
-    rows = [json.loads(line) for line in Path(generations_file).read_text(encoding="utf-8").splitlines() if line]
+    rows = read_jsonl(generations_file)
     frame = pd.DataFrame(rows)
     table = frame.pivot_table(index=["qid", "question"], columns="system", values="answer", aggfunc="first")
     table["reference"] = [next(r["references"][0] for r in rows if r["qid"] == qid) for qid, _ in table.index]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .artefacts import atomic_write_text
+from .artefacts import atomic_write_jsonl, atomic_write_text, read_jsonl
 from .data import RetrievalDataset
 
 
@@ -106,7 +106,7 @@ def random_negatives(ds: RetrievalDataset, queries: pd.DataFrame, n_negatives: i
 def save_groups(groups: list[dict], path: str | Path, settings: MiningSettings | None = None) -> Path:
     """JSON lines, one training group per line; the settings go beside it as <name>.settings.json."""
     path = Path(path)
-    atomic_write_text(path, "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in groups))
+    atomic_write_jsonl(path, groups)
     if settings is not None:
         atomic_write_text(path.with_suffix(".settings.json"), json.dumps(asdict(settings), indent=2))
     return path
@@ -116,7 +116,7 @@ def load_groups(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training groups at {path}; run 02_mine_negatives first")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def summarise(report: pd.DataFrame, groups: list[dict], queries: pd.DataFrame) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import paths
+from .artefacts import read_jsonl
 
 METRICS = ("*/metrics.json", "heldout/metrics_*.json")
 ROWS = "07_ablations/results.jsonl"
@@ -31,11 +32,11 @@ def _leaves(value, path: tuple[str, ...] = ()):
         yield path, value
 
 
-def _row_key(row: dict, line: int, where: Path) -> str:
+def _row_key(row: dict, number: int, where: Path) -> str:
     try:
         return f"{row['variant']}/{row['dataset']}/seed {row.get('seed')}"
     except KeyError as err:
-        raise ValueError(f"{where} line {line} has no {err.args[0]!r}: it is not a 07 result row") from None
+        raise ValueError(f"{where} row {number} has no {err.args[0]!r}: it is not a 07 result row") from None
 
 
 def quality_fields(run_dir: str | Path) -> dict[str, object]:
@@ -53,10 +54,8 @@ def quality_fields(run_dir: str | Path) -> dict[str, object]:
             add(str(f.relative_to(run_dir)), json.loads(f.read_text()))
     rows = run_dir / ROWS
     if rows.is_file():
-        for line, text in enumerate(rows.read_text().splitlines(), 1):
-            if text.strip():
-                row = json.loads(text)
-                add(f"{ROWS}/{_row_key(row, line, rows)}", row)
+        for number, row in enumerate(read_jsonl(rows), 1):
+            add(f"{ROWS}/{_row_key(row, number, rows)}", row)
     return fields
 
 

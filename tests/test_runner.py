@@ -276,6 +276,7 @@ def test_compare_takes_system_b_from_another_run_on_the_same_split_and_refuses_a
 def test_heldout_scores_the_runs_retrievers_on_every_question_it_never_trained_on(tiny_run, capsys, tally):
     from bsharedrag import cli
     from bsharedrag.data import load_dataset, load_sets
+    from bsharedrag.evaluation import compare_saved_rankings
     from bsharedrag.heldout import evaluate_heldout, heldout_set
 
     common = yaml.safe_load((tiny_run / "resolved.yaml").read_text())["common"]
@@ -297,6 +298,12 @@ def test_heldout_scores_the_runs_retrievers_on_every_question_it_never_trained_o
     assert split["run_test"][0]["n"] <= m["run_test"] and set(ds.queries["origin"]) == {"run_test", "outside_subsample"}
     written = json.loads((tiny_run / "heldout" / "metrics_ecomeval.json").read_text())
     assert written["paired"] == m["paired"]
+    again = compare_saved_rankings(tiny_run, "ecomeval", "bsharedrag", "bm25", "hit@3", resamples=200, heldout=True)
+    assert again["split"] == "held-out" and all(again[k] == pytest.approx(m["paired"][0][k])
+                                                for k in ("n", "mean_a", "mean_b", "difference", "p_value"))
+    assert cli.main(["compare", str(tiny_run), "bsharedrag", "bm25", "--dataset", "ecomeval", "--heldout",
+                     "--resamples", "200"]) == 0
+    assert "ecomeval held-out ndcg@5 over" in capsys.readouterr().out
     assert all((tiny_run / "heldout" / "tables" / f"{t}_ecomeval.md").is_file() for t in ("retrieval", "paired"))
     assert cli.main(["heldout", str(tiny_run), "--dataset", "ecomeval", "--systems", "bm25"]) == 0
     assert "questions the run never trained or validated on" in capsys.readouterr().out

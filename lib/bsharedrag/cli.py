@@ -36,9 +36,10 @@ def ask(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from .evaluation import compare_saved_rankings
 
-    r = compare_saved_rankings(args.run_dir, args.dataset, args.a, args.b, args.metric, args.resamples, args.b_run)
+    r = compare_saved_rankings(args.run_dir, args.dataset, args.a, args.b, args.metric, args.resamples, args.b_run,
+                               args.heldout)
     p = f"{r['p_value']:.3f}" if r["p_value"] >= 0.001 else "< 0.001"
-    print(f"{r['dataset']} test {r['metric']} over {r['n']} questions: {r['a']} {r['mean_a']:.3f} vs {r['b']} "
+    print(f"{r['dataset']} {r['split']} {r['metric']} over {r['n']} questions: {r['a']} {r['mean_a']:.3f} vs {r['b']} "
           f"{r['mean_b']:.3f}; difference {r['difference']:+.3f}, 95% bootstrap interval [{r['ci95_low']:+.3f}, "
           f"{r['ci95_high']:+.3f}], paired permutation p {p}; {r['a']} better on {r['a_wins']}, "
           f"{r['b']} on {r['b_wins']}, tied on {r['ties']}")
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("b", help="the system to compare with, e.g. minilm")
     p.add_argument("--b-run", help="take system b from this other run (outputs/<run_id>, same data settings), e.g. "
                    "bsharedrag trained at another step budget")
+    p.add_argument("--heldout", action="store_true", help="the rankings `bsharedrag heldout` saved (every question "
+                   "the run never saw, full corpus) instead of 06's test rankings; run heldout on both runs first")
     p.add_argument("--dataset", default="epqa", help="epqa or ecomeval (default: epqa)")
     p.add_argument("--metric", default="ndcg@5", help="a per-question retrieval metric (default: ndcg@5)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap and permutation resamples")

@@ -145,30 +145,38 @@ def paired_table(rows: list[dict]) -> pd.DataFrame:
 
 
 def compare_saved_rankings(run_dir: str | Path, dataset: str, system_a: str, system_b: str, metric: str = "ndcg@5",
-                           resamples: int = 10_000, run_dir_b: str | Path | None = None) -> dict:
+                           resamples: int = 10_000, run_dir_b: str | Path | None = None, heldout: bool = False) -> dict:
     """`metrics.paired_comparison` of two systems' test rankings that 06 saved, on the run's own split: both from
     run_dir, or system_b from run_dir_b (e.g. the same variant trained at another setting), which must have split
-    `dataset` into the same test questions with the same judgements."""
+    `dataset` into the same test questions with the same judgements. With `heldout`, the rankings `bsharedrag
+    heldout` saved instead, over every question the run never saw (hundreds, where the test split holds ~75)."""
     import yaml
 
     from .data import load_sets
+    from .heldout import HELDOUT, heldout_set
 
     def common(run: Path) -> dict:
         return yaml.safe_load((run / "resolved.yaml").read_text(encoding="utf-8"))["common"]
 
+    def judged(run: Path) -> dict:
+        if heldout:
+            return heldout_set(common(run), dataset)[0].qrels
+        return load_sets(common(run), [dataset])[dataset].qrels
+
     run_dir = Path(run_dir)
     run_dir_b = Path(run_dir_b) if run_dir_b is not None else run_dir
-    a = common(run_dir)
-    qrels = load_sets(a, [dataset])[dataset].qrels
+    qrels = judged(run_dir)
     names = (system_a, system_b)
+    split = "held-out" if heldout else "test"
     if run_dir_b != run_dir:
-        b = common(run_dir_b)
-        if load_sets(b, [dataset])[dataset].qrels != qrels:
+        if judged(run_dir_b) != qrels:
+            a, b = common(run_dir), common(run_dir_b)
             differ = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
-            raise ValueError(f"{run_dir.name} and {run_dir_b.name} have different {dataset} test questions or "
+            raise ValueError(f"{run_dir.name} and {run_dir_b.name} have different {dataset} {split} questions or "
                              f"judgements (common settings that differ: {'; '.join(differ) or 'none'}); compare runs "
                              "made with the same data settings")
         names = (f"{system_a} ({run_dir.name})", f"{system_b} ({run_dir_b.name})")
-    runs = [saved_ranking(d / "06_evaluate", dataset, s) for d, s in ((run_dir, system_a), (run_dir_b, system_b))]
+    folder = HELDOUT if heldout else "06_evaluate"
+    runs = [saved_ranking(d / folder, dataset, s) for d, s in ((run_dir, system_a), (run_dir_b, system_b))]
     out = paired_comparison(per_query(runs[0], qrels, metric), per_query(runs[1], qrels, metric), resamples=resamples)
-    return {"dataset": dataset, "metric": metric, "a": names[0], "b": names[1], **out}
+    return {"dataset": dataset, "split": split, "metric": metric, "a": names[0], "b": names[1], **out}
